@@ -1,0 +1,142 @@
+// Self-consistency of the forward pass on a checkpoint of another shape than tiny-a (other
+// ratios, an MTP block with a compressor, a short window, FP8 experts and a softmax gate), so
+// nothing depends on tiny-a's sizes: chunked prefills, batches and restored states must agree
+// with one whole prefill within the logits contract.
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+
+#include "core/model/golden_contract.h"
+#include "core/model/model.h"
+#include "core/model/model_maker.h"
+#include "gtest/gtest.h"
+
+namespace expertmesh::model {
+namespace {
+
+using testing::CompareLogits;
+using testing::ContractFigures;
+
+class OtherShape : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto c = PresetConfig("tiny-a-shape");
+    ASSERT_TRUE(c.ok()) << c.status();
+    ModelConfig cfg = *c;
+    cfg.compress_ratios = {8, 4, 0, 32, 4};  // the MTP block (last) has an indexer
+    cfg.sliding_window = 12;
+    cfg.index_topk = 3;
+    cfg.o_lora_rank = 128;  // wo_a groups cut at FP8 block boundaries (SliceRows)
+    cfg.num_hash_layers = 2;
+    cfg.scoring_func = ScoringFunc::kSoftmax;
+    cfg.expert_dtype = ExpertDType::kFP8;
+    dir_ = new std::string(::testing::TempDir() + "/em_other_shape_" + std::to_string(getpid()));
+    std::filesystem::remove_all(*dir_);
+    absl::Status s = WriteModel(cfg, 7, *dir_);
+    ASSERT_TRUE(s.ok()) << s;
+    auto m = Model::Load(*dir_);
+    ASSERT_TRUE(m.ok()) << m.status();
+    model_ = m->release();
+    for (int i = 0; i < kTokens; ++i) ids_.push_back((i * 7919 + 13) % cfg.vocab_size);
+  }
+  static void TearDownTestSuite() {
+    delete model_;
+    std::filesystem::remove_all(*dir_);
+    delete dir_;
+  }
+
+  // Logits of all positions with the given chunk schedule.
+  std::vector<float> Run(int64_t chunk, int64_t offset = 0) {
+    SequenceState st = model_->NewState();
+    std::vector<float> out;
+    ForwardOptions o;
+    o.all_logits = true;
+    for (int64_t p = offset; p < kTokens;) {
+      int64_t n = std::min<int64_t>(chunk, kTokens - p);
+      Segment s{&st, absl::MakeConstSpan(ids_.data() + p, n)};
+      auto l = model_->Forward({&s, 1}, o);
+      EXPECT_TRUE(l.ok()) << l.status();
+      if (!l.ok()) return {};
+      out.insert(out.end(), l->begin(), l->end());
+      p += n;
+    }
+    return out;
+  }
+
+  void Expect(const std::vector<float>& got, const std::vector<float>& want,
+              const std::string& what) {
+    ASSERT_EQ(got.size(), want.size()) << what;
+    const int64_t V = model_->config().vocab_size;
+    ContractFigures f = CompareLogits(got.data(), want.data(), got.size() / V, V);
+    std::printf("[consistency] %s: %s\n", what.c_str(), f.ToString().c_str());
+    EXPECT_TRUE(f.Meets()) << what << ": " << f.ToString();
+  }
+
+  static constexpr int kTokens = 150;
+  static Model* model_;
+  static std::string* dir_;
+  static std::vector<int32_t> ids_;
+};
+Model* OtherShape::model_ = nullptr;
+std::string* OtherShape::dir_ = nullptr;
+std::vector<int32_t> OtherShape::ids_;
+
+TEST_F(OtherShape, ChunkedPrefillMatchesWhole) {
+  const std::vector<float> whole = Run(kTokens);
+  for (int64_t chunk : {1, 5, 33}) Expect(Run(chunk), whole, "chunks of " + std::to_string(chunk));
+}
+
+TEST_F(OtherShape, BatchOfSequencesAtDifferentPositions) {
+  const std::vector<float> whole = Run(kTokens);
+  const int64_t V = model_->config().vocab_size;
+  // Three copies of the sequence, started at different steps, decoded one token per step in a
+  // shared batch.
+  const int64_t starts[3] = {0, 9, 40};
+  std::vector<SequenceState> st(3, model_->NewState());
+  std::vector<std::vector<float>> out(3);
+  for (int64_t step = 0; step < kTokens + 40; ++step) {
+    std::vector<Segment> segs;
+    std::vector<int> who;
+    for (int s = 0; s < 3; ++s) {
+      const int64_t p = step - starts[s];
+      if (p < 0 || p >= kTokens) continue;
+      segs.push_back({&st[s], absl::MakeConstSpan(ids_.data() + p, 1)});
+      who.push_back(s);
+    }
+    if (segs.empty()) continue;
+    auto l = model_->Forward(segs, {});
+    ASSERT_TRUE(l.ok()) << l.status();
+    for (size_t i = 0; i < who.size(); ++i) {
+      out[who[i]].insert(out[who[i]].end(), l->begin() + i * V, l->begin() + (i + 1) * V);
+    }
+  }
+  for (int s = 0; s < 3; ++s) Expect(out[s], whole, "batched copy " + std::to_string(s));
+}
+
+TEST_F(OtherShape, MtpChunkedMatchesWhole) {
+  const int64_t n = kTokens - 1;
+  auto mtp = [&](int64_t chunk) {
+    SequenceState st = model_->NewState();
+    std::vector<float> out;
+    for (int64_t p = 0; p < n; p += chunk) {
+      const int64_t k = std::min(chunk, n - p);
+      std::vector<float> streams;
+      ForwardOptions o;
+      o.final_streams = &streams;
+      Segment s{&st, absl::MakeConstSpan(ids_.data() + p, k)};
+      EXPECT_TRUE(model_->Forward({&s, 1}, o).ok());
+      Segment m{&st, absl::MakeConstSpan(ids_.data() + p + 1, k)};
+      auto l = model_->ForwardMtp(0, {&m, 1}, streams.data(), true);
+      EXPECT_TRUE(l.ok()) << l.status();
+      if (l.ok()) out.insert(out.end(), l->begin(), l->end());
+    }
+    return out;
+  };
+  const std::vector<float> whole = mtp(n);
+  Expect(mtp(1), whole, "mtp token by token");
+  Expect(mtp(16), whole, "mtp chunks of 16");
+}
+
+}  // namespace
+}  // namespace expertmesh::model

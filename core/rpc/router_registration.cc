@@ -1,0 +1,149 @@
+#include "core/rpc/router_registration.h"
+
+#include "core/base/log.h"
+#include "core/rpc/channel.h"
+
+namespace expertmesh::rpc {
+namespace {
+// Retry period while the router cannot be reached and no lease is known.
+constexpr absl::Duration kRetryPeriod = absl::Milliseconds(500);
+}  // namespace
+
+RouterRegistration::RouterRegistration(std::string router_address,
+                                       expertmesh::v1::RegisterWorkerRequest request)
+    : router_address_(std::move(router_address)),
+      request_(std::move(request)),
+      stub_(expertmesh::v1::Router::NewStub(MakeChannel(router_address_))) {
+  state_.last_success = absl::InfinitePast();
+}
+
+RouterRegistration::~RouterRegistration() { Stop(true); }
+
+void RouterRegistration::Start() {
+  absl::MutexLock lock(&mu_);
+  if (thread_.joinable() || stopping_) return;
+  thread_ = std::thread([this] { Loop(); });
+}
+
+void RouterRegistration::Stop(bool deregister) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    stopping_ = true;
+    if (inflight_ != nullptr) inflight_->TryCancel();
+  }
+  if (thread_.joinable()) thread_.join();
+  State s = state();
+  if (!deregister || !s.registered) return;
+  grpc::ClientContext context;
+  SetTimeout(context, absl::Milliseconds(500));
+  expertmesh::v1::DeregisterRequest request;
+  request.set_worker_id(s.worker_id);
+  request.set_address(request_.address());
+  expertmesh::v1::DeregisterResponse response;
+  grpc::Status status = stub_->Deregister(&context, request, &response);
+  base::LogInfo("deregistered from router", {{"router", router_address_},
+                                             {"worker_id", s.worker_id},
+                                             {"ok", status.ok()},
+                                             {"error", status.error_message()}});
+  absl::MutexLock lock(&mu_);
+  state_.registered = false;
+}
+
+RouterRegistration::State RouterRegistration::state() const {
+  absl::MutexLock lock(&mu_);
+  return state_;
+}
+
+bool RouterRegistration::BeginCall(grpc::ClientContext* context) {
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return false;
+  inflight_ = context;
+  return true;
+}
+
+void RouterRegistration::EndCall() {
+  absl::MutexLock lock(&mu_);
+  inflight_ = nullptr;
+}
+
+void RouterRegistration::Loop() {
+  while (true) {
+    absl::Duration wait = Step();
+    absl::MutexLock lock(&mu_);
+    auto stopping = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stopping_; };
+    mu_.AwaitWithTimeout(absl::Condition(&stopping), wait);
+    if (stopping_) return;
+  }
+}
+
+absl::Duration RouterRegistration::Step() {
+  State s = state();
+  if (!s.registered) {
+    grpc::ClientContext context;
+    SetTimeout(context, kControlRpcTimeout);
+    expertmesh::v1::RegisterWorkerResponse response;
+    if (!BeginCall(&context)) return absl::ZeroDuration();
+    grpc::Status status = stub_->RegisterWorker(&context, request_, &response);
+    EndCall();
+    absl::MutexLock lock(&mu_);
+    if (!status.ok()) {
+      if (state_.last_error != status.error_message()) {
+        base::LogWarning("cannot register with router",
+                         {{"router", router_address_},
+                          {"code", static_cast<int>(status.error_code())},
+                          {"error", status.error_message()}});
+      }
+      state_.last_error = status.error_message();
+      return kRetryPeriod;
+    }
+    state_.registered = true;
+    state_.worker_id = response.worker_id();
+    state_.lease_ttl_ms = response.lease_ttl_ms();
+    state_.placement_version = response.placement_version();
+    state_.registrations++;
+    state_.last_error.clear();
+    state_.last_success = absl::Now();
+    interval_ = absl::Milliseconds(std::max<uint32_t>(50, response.heartbeat_interval_ms()));
+    base::LogInfo("registered with router", {{"router", router_address_},
+                                             {"worker_id", response.worker_id()},
+                                             {"lease_ttl_ms", response.lease_ttl_ms()}});
+    return interval_;
+  }
+  grpc::ClientContext context;
+  absl::Duration interval;
+  {
+    absl::MutexLock lock(&mu_);
+    interval = interval_;
+  }
+  // A heartbeat must not take longer than the period it protects.
+  SetTimeout(context, std::min(kControlRpcTimeout, interval));
+  expertmesh::v1::HeartbeatRequest request;
+  request.set_worker_id(s.worker_id);
+  request.set_address(request_.address());
+  expertmesh::v1::HeartbeatResponse response;
+  if (!BeginCall(&context)) return absl::ZeroDuration();
+  grpc::Status status = stub_->Heartbeat(&context, request, &response);
+  EndCall();
+  absl::MutexLock lock(&mu_);
+  if (status.error_code() == grpc::StatusCode::NOT_FOUND) {
+    base::LogWarning("router forgot this worker; registering again",
+                     {{"router", router_address_}, {"worker_id", s.worker_id}});
+    state_.registered = false;
+    state_.last_error = status.error_message();
+    return absl::ZeroDuration();
+  }
+  if (!status.ok()) {
+    state_.last_error = status.error_message();
+    // Retry sooner than the period: the lease is running out.
+    return std::min(interval_, kRetryPeriod);
+  }
+  state_.last_error.clear();
+  state_.last_success = absl::Now();
+  state_.lease_ttl_ms = response.lease_ttl_ms();
+  state_.placement_version = response.placement_version();
+  interval_ = absl::Milliseconds(std::max<uint32_t>(50, response.heartbeat_interval_ms()));
+  return interval_;
+}
+
+}  // namespace expertmesh::rpc

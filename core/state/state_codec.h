@@ -1,0 +1,28 @@
+// Serialization of a sequence's inference state (model::SequenceState) to bytes and back, for
+// the kv-store and for moving a sequence between workers. The byte format (docs/state_format.md)
+// is versioned and checksummed; KV values are stored as their exact FP8 / FP4 codes plus one
+// exponent byte per block, so a restored sequence continues with bit-identical logits.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "core/model/config.h"
+#include "core/model/sequence_state.h"
+
+namespace expertmesh::state {
+
+inline constexpr uint32_t kStateFormatVersion = 1;
+
+// Encodes `s` (shaped for `config`). Thread-compatible (reads s).
+std::string SerializeState(const model::ModelConfig& config, const model::SequenceState& s);
+
+// Decodes bytes written by SerializeState for the same model shape. Errors (InvalidArgument,
+// saying what is wrong): bad magic, unsupported version, checksum mismatch, a model shape that
+// differs from `config` (naming the field), truncated or trailing bytes.
+absl::StatusOr<model::SequenceState> DeserializeState(const model::ModelConfig& config,
+                                                      std::string_view bytes);
+
+}  // namespace expertmesh::state

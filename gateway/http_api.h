@@ -1,0 +1,47 @@
+// The gateway's HTTP API routes: GET /health, GET /v1/models, and the generation routes
+// (POST /v1/chat/completions, /v1/completions, /v1/messages), which answer 501 with an
+// OpenAI- (or Anthropic-) shaped error until the cluster data path exists. No Beast, no gRPC:
+// it maps an HttpRequest to an HttpResponse and counts requests.
+#pragma once
+
+#include <functional>
+#include <optional>
+#include <string>
+
+#include "gateway/http_server.h"
+#include "gateway/model_info.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/registry.h"
+
+namespace expertmesh::gateway {
+
+// What /health says about the router.
+struct RouterHealth {
+  bool configured = false;  // --router given
+  std::string address;
+  bool registered = false;  // holds a lease
+  bool reachable = false;   // a call succeeded within the lease TTL
+  uint64_t worker_id = 0;
+  std::string last_error;
+};
+
+class HttpApi {
+ public:
+  // `model` empty = none configured. `router_health` is called per /health request
+  // (thread-safe). Registers expertmesh_gateway_http_requests_total in `registry`.
+  HttpApi(std::optional<ModelInfo> model, std::function<RouterHealth()> router_health,
+          prometheus::Registry& registry);
+
+  // Thread-safe.
+  HttpResponse Handle(const HttpRequest& request);
+
+ private:
+  HttpResponse Route(const HttpRequest& request, std::string* route_label);
+
+  const std::optional<ModelInfo> model_;
+  const std::function<RouterHealth()> router_health_;
+  prometheus::Family<prometheus::Counter>& requests_;
+};
+
+}  // namespace expertmesh::gateway

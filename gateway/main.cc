@@ -1,0 +1,101 @@
+// expertmesh-gateway: the HTTP API (Boost.Beast) and the public gRPC API of the cluster.
+#include <cstdio>
+
+#include "core/base/log.h"
+#include "core/rpc/channel.h"
+#include "core/rpc/service_process.h"
+#include "core/rpc/termination.h"
+#include "gateway/gateway_service.h"
+#include "gateway/http_api.h"
+#include "gateway/http_server.h"
+
+int main(int argc, char** argv) {
+  using namespace expertmesh;
+  rpc::BlockTerminationSignals();
+  rpc::CommonFlags common;
+  std::string http_host = "127.0.0.1";
+  int64_t http_port = 8000;
+  int64_t http_threads = 1;
+  std::string model_dir;
+  std::string model_name;
+  bool register_with_router = true;
+  rpc::FlagSet flags("expertmesh-gateway",
+                     "The cluster's HTTP API (OpenAI / Anthropic shaped) and public gRPC API.");
+  common.Register(flags, /*with_router=*/true);
+  flags.AddString("http-host", &http_host, "IP address the HTTP API listens on");
+  flags.AddInt("http-port", &http_port, "HTTP API port (0 = pick a free port)");
+  flags.AddInt("http-threads", &http_threads, "threads serving HTTP");
+  flags.AddString("model", &model_dir, "model directory (config.json) to serve; may be empty");
+  flags.AddString("model-name", &model_name, "model id in the API (default: the directory name)");
+  flags.AddBool("register", &register_with_router,
+                "register with --router as a gateway member (reachability shows on /health)");
+  if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv); rc >= 0) return rc;
+  if (http_port < 0 || http_port > 65535) {
+    std::fprintf(stderr, "--http-port must be 0..65535\n");
+    return 2;
+  }
+  auto process = rpc::ServiceProcess::Create("gateway", common);
+  if (!process.ok()) {
+    std::fprintf(stderr, "expertmesh-gateway: %s\n", process.status().ToString().c_str());
+    return 1;
+  }
+  rpc::ServiceProcess* p = process->get();
+  std::optional<gateway::ModelInfo> model;
+  if (!model_dir.empty()) {
+    auto info = gateway::LoadModelInfo(model_dir, model_name);
+    if (!info.ok()) {
+      std::fprintf(stderr, "expertmesh-gateway: --model: %s\n", info.status().ToString().c_str());
+      return 1;
+    }
+    model = *info;
+  }
+  gateway::GatewayService service(model);
+  p->AddService(&service);
+  absl::Status status = p->StartGrpc();
+  if (status.ok() && register_with_router) {
+    expertmesh::v1::Capacity none;
+    p->StartRegistration(expertmesh::v1::WORKER_KIND_GATEWAY, none);
+  }
+  const std::string router = common.router;
+  gateway::HttpApi api(
+      model,
+      [p, router, register_with_router]() {
+        gateway::RouterHealth h;
+        h.configured = !router.empty();
+        h.address = router;
+        if (rpc::RouterRegistration* r = p->registration()) {
+          rpc::RouterRegistration::State s = r->state();
+          h.registered = s.registered;
+          h.worker_id = s.worker_id;
+          h.last_error = s.last_error;
+          h.reachable = s.last_error.empty() &&
+                        absl::Now() - s.last_success < absl::Milliseconds(s.lease_ttl_ms);
+        } else if (h.configured && !register_with_router) {
+          h.reachable = rpc::CheckHealth(router, absl::Milliseconds(500)).ok();
+        }
+        return h;
+      },
+      p->registry());
+  std::unique_ptr<gateway::HttpServer> http;
+  if (status.ok()) {
+    auto started = gateway::HttpServer::Start(
+        http_host, static_cast<int>(http_port),
+        [&api](const gateway::HttpRequest& r) { return api.Handle(r); },
+        static_cast<int>(http_threads));
+    if (started.ok()) {
+      http = std::move(*started);
+      status = p->AnnounceReady(http->port());
+    } else {
+      status = started.status();
+    }
+  }
+  if (!status.ok()) {
+    base::LogError("cannot start", {{"error", status.ToString()}});
+    return 1;
+  }
+  int sig = rpc::WaitForTerminationSignal();
+  base::LogInfo("shutting down", {{"signal", sig}});
+  http->Stop();
+  p->Shutdown();
+  return 0;
+}

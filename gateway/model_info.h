@@ -1,0 +1,24 @@
+// The model the gateway serves, as listed by /v1/models and Gateway.Models: its id and what
+// config.json says about it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace expertmesh::gateway {
+
+struct ModelInfo {
+  std::string id;               // name clients use in requests
+  std::string dir;              // model directory
+  int64_t created = 0;          // config.json's modification time (unix seconds)
+  uint32_t context_length = 0;  // max_position_embeddings (0 if absent)
+  uint32_t vocab_size = 0;      // vocab_size (0 if absent)
+};
+
+// Reads `dir`/config.json. `name` empty = the directory's base name.
+// Errors: NotFound (no config.json), InvalidArgument (not a JSON object; names the file).
+absl::StatusOr<ModelInfo> LoadModelInfo(const std::string& dir, const std::string& name);
+
+}  // namespace expertmesh::gateway
