@@ -18,10 +18,12 @@
 
 #include "core/tokenizer/pretokenizer.h"
 #include "core/tokenizer/tokenizer.h"
+#include "core/tokenizer/utf8.h"
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using expertmesh::tokenizer::AppendCodePoint;
 using expertmesh::tokenizer::Tokenizer;
 
 double Seconds(Clock::time_point a, Clock::time_point b) {
@@ -43,24 +45,6 @@ struct Rng {
     return a[Below(N)];
   }
 };
-
-void AppendUtf8(char32_t cp, std::string* out) {
-  if (cp < 0x80) {
-    out->push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
 
 const char* const kWords[] = {"the",
                               "of",
@@ -235,11 +219,12 @@ void Cjk(Rng& r, std::string* d) {
     const size_t k = r.Below(100);
     if (k < 70) {
       // Common hanzi sit early in the block: skew towards them.
-      AppendUtf8(0x4E00 + static_cast<char32_t>(r.Below(r.Below(4) == 0 ? 0x51A5 : 0x1000)), d);
+      AppendCodePoint(0x4E00 + static_cast<char32_t>(r.Below(r.Below(4) == 0 ? 0x51A5 : 0x1000)),
+                      d);
     } else if (k < 85) {
-      AppendUtf8(0x3041 + static_cast<char32_t>(r.Below(0x56)), d);  // hiragana
+      AppendCodePoint(0x3041 + static_cast<char32_t>(r.Below(0x56)), d);  // hiragana
     } else if (k < 92) {
-      AppendUtf8(0x30A1 + static_cast<char32_t>(r.Below(0x5A)), d);  // katakana
+      AppendCodePoint(0x30A1 + static_cast<char32_t>(r.Below(0x5A)), d);  // katakana
     } else if (k < 97) {
       d->append(r.Below(2) == 0 ? "，" : "。");
     } else {

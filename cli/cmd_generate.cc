@@ -11,6 +11,7 @@
 #include "core/kernels/matmul.h"
 #include "core/model/model.h"
 #include "core/rpc/service_flags.h"
+#include "core/rpc/service_process.h"
 
 namespace expertmesh::cli {
 
@@ -32,15 +33,8 @@ int RunGenerate(int argc, char** argv) {
   flags.AddInt("threads", &threads, "kernel threads (0 = EM_THREADS or all cores)");
   flags.AddInt("chunk", &chunk, "prefill chunk size (0 = one piece)");
   flags.AddInt("stop", &stop, "stop after this token id (-1 = never)");
-  absl::Status parsed = flags.Parse(argc, argv);
-  if (!parsed.ok()) {
-    std::fprintf(stderr, "expertmesh generate: %s\n", std::string(parsed.message()).c_str());
-    return 2;
-  }
-  if (flags.help_requested()) {
-    std::fputs(flags.Usage().c_str(), stdout);
-    return 0;
-  }
+  if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv, "expertmesh generate: "); rc >= 0)
+    return rc;
   std::vector<int32_t> ids;
   for (absl::string_view part : absl::StrSplit(ids_text, ',', absl::SkipWhitespace())) {
     int32_t v = 0;

@@ -11,6 +11,7 @@
 #include "cli/commands.h"
 #include "core/model/model_maker.h"
 #include "core/rpc/service_flags.h"
+#include "core/rpc/service_process.h"
 
 namespace expertmesh::cli {
 namespace {
@@ -53,15 +54,8 @@ int RunMakeModel(int argc, char** argv) {
   flags.AddInt("seed", &seed, "random seed (>= 0)");
   flags.AddString("out", &out, "output directory (created; must not exist unless --force)");
   flags.AddBool("force", &force, "replace an existing model directory at --out");
-  absl::Status parsed = flags.Parse(argc, argv);
-  if (!parsed.ok()) {
-    std::fprintf(stderr, "expertmesh make-model: %s\n", std::string(parsed.message()).c_str());
-    return 2;
-  }
-  if (flags.help_requested()) {
-    std::fputs(flags.Usage().c_str(), stdout);
-    return 0;
-  }
+  if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv, "expertmesh make-model: "); rc >= 0)
+    return rc;
   if (out.empty()) {
     std::fprintf(stderr, "expertmesh make-model: --out DIR is required; see --help\n");
     return 2;

@@ -8,6 +8,7 @@
 #include "core/kernels/matmul.h"
 #include "core/model/model.h"
 #include "core/rpc/service_flags.h"
+#include "core/rpc/service_process.h"
 
 namespace expertmesh::cli {
 
@@ -29,15 +30,7 @@ int RunScore(int argc, char** argv) {
   flags.AddBool("mtp", &mtp, "also write mtp_logits");
   flags.AddInt("threads", &threads, "kernel threads (0 = EM_THREADS or all cores)");
   flags.AddInt("chunk", &chunk, "prefill chunk size (0 = one piece)");
-  absl::Status parsed = flags.Parse(argc, argv);
-  if (!parsed.ok()) {
-    std::fprintf(stderr, "expertmesh score: %s\n", std::string(parsed.message()).c_str());
-    return 2;
-  }
-  if (flags.help_requested()) {
-    std::fputs(flags.Usage().c_str(), stdout);
-    return 0;
-  }
+  if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv, "expertmesh score: "); rc >= 0) return rc;
   if (model_dir.empty() || input.empty() || out.empty() || prefill <= 0) {
     std::fprintf(stderr,
                  "expertmesh score: --model, --input, --out and --prefill N > 0 are "

@@ -14,6 +14,7 @@
 #include "cli/local_cluster.h"
 #include "core/model/model_maker.h"
 #include "core/rpc/service_flags.h"
+#include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
 
 #ifndef EM_REPO_DIR
@@ -78,15 +79,7 @@ int RunUp(int argc, char** argv) {
                "how long to wait for all services to be healthy");
   flags.AddString("bin-dir", &bin_dir,
                   "build tree with the service binaries (default: the tree of this expertmesh)");
-  absl::Status parsed = flags.Parse(argc, argv);
-  if (!parsed.ok()) {
-    std::fprintf(stderr, "expertmesh up: %s\n", std::string(parsed.message()).c_str());
-    return 2;
-  }
-  if (flags.help_requested()) {
-    std::fputs(flags.Usage().c_str(), stdout);
-    return 0;
-  }
+  if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv, "expertmesh up: "); rc >= 0) return rc;
   if (http_port < 0 || http_port > 65535 || base_port < 0 || base_port > 65535 - 15) {
     std::fprintf(stderr, "expertmesh up: --http-port or --base-port out of range\n");
     return 2;

@@ -1,7 +1,4 @@
 // expertmesh-expert-worker: hosts a shard of routed experts; registers with the router.
-#include <cstdio>
-
-#include "core/base/log.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
 #include "core/rpc/worker_capacity.h"
@@ -21,27 +18,13 @@ int main(int argc, char** argv) {
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv); rc >= 0) return rc;
   auto process = rpc::ServiceProcess::Create("expert-worker", common);
   absl::Status status = process.ok() ? rpc::CheckModelDir(model) : process.status();
-  if (!status.ok()) {
-    std::fprintf(stderr, "expertmesh-expert-worker: %s\n", status.ToString().c_str());
-    return 1;
-  }
+  if (!status.ok()) return rpc::ReportSetupError("expertmesh-expert-worker", status);
   rpc::ServiceProcess* p = process->get();
   expert_worker::ExpertWorkerService service(model, [p]() -> uint64_t {
     rpc::RouterRegistration* r = p->registration();
     return r == nullptr ? 0 : r->state().worker_id;
   });
   p->AddService(&service);
-  status = p->StartGrpc();
-  if (status.ok()) {
-    p->StartRegistration(expertmesh::v1::WORKER_KIND_EXPERT, capacity.ToProto());
-    status = p->AnnounceReady();
-  }
-  if (!status.ok()) {
-    base::LogError("cannot start", {{"error", status.ToString()}});
-    return 1;
-  }
-  int sig = rpc::WaitForTerminationSignal();
-  base::LogInfo("shutting down", {{"signal", sig}});
-  p->Shutdown();
-  return 0;
+  return p->ServeUntilTerminated(
+      rpc::Membership{expertmesh::v1::WORKER_KIND_EXPERT, capacity.ToProto()});
 }

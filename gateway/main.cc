@@ -1,7 +1,6 @@
 // expertmesh-gateway: the HTTP API (Boost.Beast) and the public gRPC API of the cluster.
 #include <cstdio>
 
-#include "core/base/log.h"
 #include "core/rpc/channel.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
@@ -35,18 +34,12 @@ int main(int argc, char** argv) {
     return 2;
   }
   auto process = rpc::ServiceProcess::Create("gateway", common);
-  if (!process.ok()) {
-    std::fprintf(stderr, "expertmesh-gateway: %s\n", process.status().ToString().c_str());
-    return 1;
-  }
+  if (!process.ok()) return rpc::ReportSetupError("expertmesh-gateway", process.status());
   rpc::ServiceProcess* p = process->get();
   std::optional<gateway::ModelInfo> model;
   if (!model_dir.empty()) {
     auto info = gateway::LoadModelInfo(model_dir, model_name);
-    if (!info.ok()) {
-      std::fprintf(stderr, "expertmesh-gateway: --model: %s\n", info.status().ToString().c_str());
-      return 1;
-    }
+    if (!info.ok()) return rpc::ReportSetupError("expertmesh-gateway: --model", info.status());
     model = *info;
   }
   gateway::GatewayService service(model);
@@ -89,13 +82,6 @@ int main(int argc, char** argv) {
       status = started.status();
     }
   }
-  if (!status.ok()) {
-    base::LogError("cannot start", {{"error", status.ToString()}});
-    return 1;
-  }
-  int sig = rpc::WaitForTerminationSignal();
-  base::LogInfo("shutting down", {{"signal", sig}});
-  http->Stop();
-  p->Shutdown();
-  return 0;
+  if (!status.ok()) return rpc::ServiceProcess::ReportStartError(status);
+  return p->WaitForTerminationAndShutdown([&http] { http->Stop(); });
 }

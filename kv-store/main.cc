@@ -1,7 +1,4 @@
 // expertmesh-kv-store: per-sequence state blocks and the prefix index; registers with the router.
-#include <cstdio>
-
-#include "core/base/log.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
 #include "core/rpc/worker_capacity.h"
@@ -18,23 +15,9 @@ int main(int argc, char** argv) {
   capacity.Register(flags, /*with_max_experts=*/false);
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv); rc >= 0) return rc;
   auto process = rpc::ServiceProcess::Create("kv-store", common);
-  if (!process.ok()) {
-    std::fprintf(stderr, "expertmesh-kv-store: %s\n", process.status().ToString().c_str());
-    return 1;
-  }
+  if (!process.ok()) return rpc::ReportSetupError("expertmesh-kv-store", process.status());
   kv_store::KvStoreService service;
   (*process)->AddService(&service);
-  absl::Status status = (*process)->StartGrpc();
-  if (status.ok()) {
-    (*process)->StartRegistration(expertmesh::v1::WORKER_KIND_KV_STORE, capacity.ToProto());
-    status = (*process)->AnnounceReady();
-  }
-  if (!status.ok()) {
-    base::LogError("cannot start", {{"error", status.ToString()}});
-    return 1;
-  }
-  int sig = rpc::WaitForTerminationSignal();
-  base::LogInfo("shutting down", {{"signal", sig}});
-  (*process)->Shutdown();
-  return 0;
+  return (*process)->ServeUntilTerminated(
+      rpc::Membership{expertmesh::v1::WORKER_KIND_KV_STORE, capacity.ToProto()});
 }

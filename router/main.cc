@@ -1,7 +1,7 @@
 // expertmesh-router: the control plane (membership with leases; placement later).
 #include <cstdio>
+#include <optional>
 
-#include "core/base/log.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
 #include "router/router_service.h"
@@ -22,21 +22,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   auto process = rpc::ServiceProcess::Create("router", common);
-  if (!process.ok()) {
-    std::fprintf(stderr, "expertmesh-router: %s\n", process.status().ToString().c_str());
-    return 1;
-  }
+  if (!process.ok()) return rpc::ReportSetupError("expertmesh-router", process.status());
   router::RealClock clock;
   router::RouterService service(clock, absl::Milliseconds(lease_ms), (*process)->registry());
   (*process)->AddService(&service);
-  absl::Status status = (*process)->StartGrpc();
-  if (status.ok()) status = (*process)->AnnounceReady();
-  if (!status.ok()) {
-    base::LogError("cannot start", {{"error", status.ToString()}});
-    return 1;
-  }
-  int sig = rpc::WaitForTerminationSignal();
-  base::LogInfo("shutting down", {{"signal", sig}});
-  (*process)->Shutdown();
-  return 0;
+  return (*process)->ServeUntilTerminated(/*membership=*/std::nullopt);  // the router is none
 }

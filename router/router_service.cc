@@ -1,5 +1,7 @@
 #include "router/router_service.h"
 
+#include <string>
+
 #include "core/base/log.h"
 #include "core/rpc/reactors.h"
 #include "core/rpc/status.h"
@@ -17,40 +19,38 @@ constexpr char kPlacementMissing[] =
     "the expert placement table is not built yet (no model-aware placement in the router); "
     "heartbeats report placement version 0";
 
+prometheus::Family<prometheus::Gauge>& GaugeFamily(prometheus::Registry& registry,
+                                                   const std::string& name,
+                                                   const std::string& help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(registry);
+}
+
+prometheus::Family<prometheus::Counter>& CounterFamily(prometheus::Registry& registry,
+                                                       const std::string& name,
+                                                       const std::string& help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(registry);
+}
+
 }  // namespace
 
 RouterService::RouterService(const Clock& clock, absl::Duration lease_ttl,
                              prometheus::Registry& registry)
     : membership_(clock, lease_ttl),
-      members_(prometheus::BuildGauge()
-                   .Name("expertmesh_router_members")
-                   .Help("Cluster members with an unexpired lease, by kind and lease state.")
-                   .Register(registry)),
-      registrations_(prometheus::BuildCounter()
-                         .Name("expertmesh_router_registrations_total")
-                         .Help("Successful RegisterWorker calls, by kind.")
-                         .Register(registry)),
-      deregistrations_(prometheus::BuildCounter()
-                           .Name("expertmesh_router_deregistrations_total")
-                           .Help("Members that left with Deregister, by kind.")
-                           .Register(registry)),
-      expirations_(prometheus::BuildCounter()
-                       .Name("expertmesh_router_lease_expirations_total")
-                       .Help("Members dropped because their lease ran out, by kind.")
-                       .Register(registry)),
-      heartbeats_(prometheus::BuildCounter()
-                      .Name("expertmesh_router_heartbeats_total")
-                      .Help("Heartbeats received, by result (ok, unknown_worker).")
-                      .Register(registry)),
-      placement_version_(prometheus::BuildGauge()
-                             .Name("expertmesh_router_placement_version")
-                             .Help("Version of the published expert placement table (0 = none).")
-                             .Register(registry)
+      members_(GaugeFamily(registry, "expertmesh_router_members",
+                           "Cluster members with an unexpired lease, by kind and lease state.")),
+      registrations_(CounterFamily(registry, "expertmesh_router_registrations_total",
+                                   "Successful RegisterWorker calls, by kind.")),
+      deregistrations_(CounterFamily(registry, "expertmesh_router_deregistrations_total",
+                                     "Members that left with Deregister, by kind.")),
+      expirations_(CounterFamily(registry, "expertmesh_router_lease_expirations_total",
+                                 "Members dropped because their lease ran out, by kind.")),
+      heartbeats_(CounterFamily(registry, "expertmesh_router_heartbeats_total",
+                                "Heartbeats received, by result (ok, unknown_worker).")),
+      placement_version_(GaugeFamily(registry, "expertmesh_router_placement_version",
+                                     "Version of the published expert placement table (0 = none).")
                              .Add({})) {
-  prometheus::BuildGauge()
-      .Name("expertmesh_router_lease_ttl_seconds")
-      .Help("Lease TTL the router grants to members.")
-      .Register(registry)
+  GaugeFamily(registry, "expertmesh_router_lease_ttl_seconds",
+              "Lease TTL the router grants to members.")
       .Add({})
       .Set(absl::ToDoubleSeconds(lease_ttl));
   // Create every series up front so that dashboards show zeros rather than gaps.

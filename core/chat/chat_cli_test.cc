@@ -8,38 +8,20 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
-#include <sstream>
 #include <string>
 #include <vector>
 
-#include "core/base/mapped_file.h"
 #include "core/chat/json_value.h"
+#include "core/chat/test_util.h"
 
 namespace expertmesh::chat {
 namespace {
 
 const std::string kBinary = std::string(EM_BINARY_DIR) + "/cli/expertmesh";
 
-std::string ReadFile(const std::string& path) {
-  absl::StatusOr<std::string> s = base::ReadFileToString(path);
-  EXPECT_TRUE(s.ok()) << s.status();
-  return s.ok() ? *s : "";
-}
-
-std::vector<std::string> Lines(const std::string& text) {
-  std::vector<std::string> lines;
-  std::istringstream in(text);
-  for (std::string line; std::getline(in, line);) {
-    if (!line.empty()) lines.push_back(line);
-  }
-  return lines;
-}
-
-JsonValue Parse(std::string_view text) {
-  absl::StatusOr<JsonValue> v = ParseJson(text);
-  EXPECT_TRUE(v.ok()) << v.status() << ": " << text;
-  return v.ok() ? *v : JsonValue();
-}
+using test_util::Lines;
+using test_util::ParseOrDie;
+using test_util::ReadFile;
 
 // Runs `expertmesh <args>` with `input` on stdin; returns stdout's lines.
 std::vector<std::string> RunCli(const std::string& args, const std::string& input) {
@@ -59,14 +41,14 @@ TEST(ChatCliTest, ChatEncodeWritesPromptsAndIdsLineByLine) {
   std::map<std::string, std::string> reference_ids;  // prompt -> ids, as JSON
   for (const std::string& line :
        Lines(ReadFile(std::string(EM_SHARED_DIR) + "/tokenizer/v4_vectors.jsonl"))) {
-    JsonValue v = Parse(line);
+    JsonValue v = ParseOrDie(line);
     reference_ids[v.Find("text")->str()] = v.Find("ids")->DumpPython();
   }
   std::vector<JsonValue> cases;
   std::string input;
   for (const std::string& line :
        Lines(ReadFile(std::string(EM_SHARED_DIR) + "/encoding/cases.jsonl"))) {
-    JsonValue c = Parse(line);
+    JsonValue c = ParseOrDie(line);
     cases.push_back(c);
     input += JsonValue::Object({{"messages", *c.Find("messages")}, {"options", *c.Find("options")}})
                  .DumpPython() +
@@ -77,7 +59,7 @@ TEST(ChatCliTest, ChatEncodeWritesPromptsAndIdsLineByLine) {
   ASSERT_EQ(out.size(), cases.size() + 2);
   size_t k = 0;
   for (size_t i = 0; i < out.size(); ++i) {
-    JsonValue o = Parse(out[i]);
+    JsonValue o = ParseOrDie(out[i]);
     if (i == 2 || i == 3) {
       ASSERT_NE(o.Find("error"), nullptr) << out[i];
       if (i == 3) {
@@ -99,7 +81,7 @@ TEST(ChatCliTest, ChatParseWritesParsedMessagesLineByLine) {
   std::string input;
   for (const std::string& line :
        Lines(ReadFile(std::string(EM_SHARED_DIR) + "/encoding/parse_cases.jsonl"))) {
-    JsonValue c = Parse(line);
+    JsonValue c = ParseOrDie(line);
     cases.push_back(c);
     input += JsonValue::Object({{"completion", *c.Find("completion")},
                                 {"thinking_mode", *c.Find("thinking_mode")}})
@@ -112,8 +94,8 @@ TEST(ChatCliTest, ChatParseWritesParsedMessagesLineByLine) {
   for (size_t i = 0; i < cases.size(); ++i) {
     EXPECT_EQ(out[i], JsonValue::Object({{"parsed", *cases[i].Find("parsed")}}).DumpPython());
   }
-  EXPECT_NE(Parse(out[cases.size()]).Find("error"), nullptr);
-  JsonValue malformed = Parse(out[cases.size() + 1]);
+  EXPECT_NE(ParseOrDie(out[cases.size()]).Find("error"), nullptr);
+  JsonValue malformed = ParseOrDie(out[cases.size() + 1]);
   ASSERT_NE(malformed.Find("malformed"), nullptr);
   EXPECT_EQ(malformed.Find("malformed")->Find("error")->str(), "unexpected_token");
   EXPECT_EQ(malformed.Find("parsed")->Find("content")->str(), "a</think>b");

@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/tokenizer/utf8.h"
 
 namespace expertmesh::chat {
 
@@ -93,50 +94,6 @@ bool JsonValue::Truthy() const {
 }
 
 namespace {
-
-// Length of the valid UTF-8 sequence at s[i], or 0 when the bytes there are not one.
-size_t Utf8SequenceLength(std::string_view s, size_t i) {
-  const auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
-  unsigned char c = b(i);
-  if (c < 0x80) return 1;
-  size_t n;
-  uint32_t min;
-  uint32_t cp;
-  if ((c & 0xE0) == 0xC0) {
-    n = 2, min = 0x80, cp = c & 0x1F;
-  } else if ((c & 0xF0) == 0xE0) {
-    n = 3, min = 0x800, cp = c & 0x0F;
-  } else if ((c & 0xF8) == 0xF0) {
-    n = 4, min = 0x10000, cp = c & 0x07;
-  } else {
-    return 0;
-  }
-  if (i + n > s.size()) return 0;
-  for (size_t k = 1; k < n; ++k) {
-    if ((b(i + k) & 0xC0) != 0x80) return 0;
-    cp = (cp << 6) | (b(i + k) & 0x3F);
-  }
-  if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
-  return n;
-}
-
-void AppendUtf8(uint32_t cp, std::string* out) {
-  if (cp < 0x80) {
-    out->push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
 
 class Parser {
  public:
@@ -319,7 +276,7 @@ class Parser {
                 pos_ = save;  // lone high surrogate; the next escape stands alone
               }
             }
-            AppendUtf8(cp, out);
+            tokenizer::AppendCodePoint(cp, out);
             break;
           }
           default:
@@ -327,10 +284,10 @@ class Parser {
         }
         continue;
       }
-      size_t n = Utf8SequenceLength(text_, pos_);
-      if (n == 0) return Error("invalid UTF-8 in string");
-      out->append(text_.substr(pos_, n));
-      pos_ += n;
+      const tokenizer::Utf8Step step = tokenizer::NextUtf8(text_.substr(pos_));
+      if (step.kind != tokenizer::Utf8Prefix::kComplete) return Error("invalid UTF-8 in string");
+      out->append(text_.substr(pos_, step.length));
+      pos_ += step.length;
     }
   }
 
@@ -484,23 +441,10 @@ std::string JsonValue::DumpPython() const {
 
 absl::StatusOr<JsonValue> ParseJson(std::string_view text) { return Parser(text).ParseDocument(); }
 
-void AppendPythonJsonString(std::string_view s, std::string* out) {
+void AppendJsonEscaped(std::string_view s, std::string* out) {
   static constexpr char kHex[] = "0123456789abcdef";
-  out->push_back('"');
-  size_t i = 0;
-  while (i < s.size()) {
-    unsigned char c = static_cast<unsigned char>(s[i]);
-    if (c >= 0x80) {
-      size_t n = Utf8SequenceLength(s, i);
-      if (n == 0) {
-        out->append("\xEF\xBF\xBD");
-        ++i;
-      } else {
-        out->append(s.substr(i, n));
-        i += n;
-      }
-      continue;
-    }
+  for (char ch : s) {
+    unsigned char c = static_cast<unsigned char>(ch);
     switch (c) {
       case '"':
         out->append("\\\"");
@@ -529,11 +473,32 @@ void AppendPythonJsonString(std::string_view s, std::string* out) {
           out->push_back(kHex[c >> 4]);
           out->push_back(kHex[c & 15]);
         } else {
-          out->push_back(static_cast<char>(c));
+          out->push_back(ch);
         }
     }
-    ++i;
   }
+}
+
+void AppendPythonJsonString(std::string_view s, std::string* out) {
+  out->push_back('"');
+  size_t i = 0, run = 0;  // [run, i) is well-formed and not yet escaped
+  while (i < s.size()) {
+    if (static_cast<unsigned char>(s[i]) < 0x80) {
+      ++i;
+      continue;
+    }
+    const tokenizer::Utf8Step step = tokenizer::NextUtf8(s.substr(i));
+    if (step.kind == tokenizer::Utf8Prefix::kComplete) {
+      i += step.length;
+      continue;
+    }
+    // Each byte of an ill-formed sequence becomes its own U+FFFD.
+    AppendJsonEscaped(s.substr(run, i - run), out);
+    out->append(tokenizer::kReplacementChar);
+    ++i;
+    run = i;
+  }
+  AppendJsonEscaped(s.substr(run), out);
   out->push_back('"');
 }
 

@@ -79,6 +79,10 @@ absl::StatusOr<JsonValue> ParseJson(std::string_view text);
 void AppendPythonJsonString(std::string_view s, std::string* out);
 std::string PythonJsonString(std::string_view s);
 
+// The body of such a literal (no quotes), escaped byte by byte: bytes >= 0x80 pass through
+// unchecked, so escaping a text in pieces gives the same bytes as escaping it whole.
+void AppendJsonEscaped(std::string_view s, std::string* out);
+
 // Python's repr() of the double written by `lexeme` ("1e5" -> "100000.0", "1e16" -> "1e+16").
 std::string PythonFloatRepr(double value);
 

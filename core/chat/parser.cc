@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/chat/encoder.h"
+#include "core/chat/json_value.h"
 
 namespace expertmesh::chat {
 namespace {
@@ -72,47 +73,6 @@ size_t PythonSpaceLength(std::string_view s, size_t i) {
     if (c2 >= 0x80 && c2 <= 0x8A) return 3;  // U+2000..U+200A
   }
   return 0;
-}
-
-// JSON string body escaping as Python's json.dumps(ensure_ascii=False) does, byte by byte:
-// bytes >= 0x80 pass through, so escaping a text in pieces gives the same bytes as escaping it
-// whole.
-void AppendJsonEscaped(std::string_view s, std::string* out) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  for (char ch : s) {
-    unsigned char c = static_cast<unsigned char>(ch);
-    switch (c) {
-      case '"':
-        out->append("\\\"");
-        break;
-      case '\\':
-        out->append("\\\\");
-        break;
-      case '\n':
-        out->append("\\n");
-        break;
-      case '\r':
-        out->append("\\r");
-        break;
-      case '\t':
-        out->append("\\t");
-        break;
-      case '\b':
-        out->append("\\b");
-        break;
-      case '\f':
-        out->append("\\f");
-        break;
-      default:
-        if (c < 0x20) {
-          out->append("\\u00");
-          out->push_back(kHex[c >> 4]);
-          out->push_back(kHex[c & 15]);
-        } else {
-          out->push_back(ch);
-        }
-    }
-  }
 }
 
 uint64_t SplitMix64(uint64_t x) {

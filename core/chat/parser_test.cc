@@ -8,39 +8,18 @@
 #include <string>
 #include <vector>
 
-#include "core/base/mapped_file.h"
 #include "core/chat/encoder.h"
 #include "core/chat/json_value.h"
+#include "core/chat/test_util.h"
 #include "core/tokenizer/tokenizer.h"
 
 namespace expertmesh::chat {
 namespace {
 
-const std::string kEncodingDir = std::string(EM_SHARED_DIR) + "/encoding";
-
-std::string ReadFile(const std::string& path) {
-  absl::StatusOr<std::string> s = base::ReadFileToString(path);
-  EXPECT_TRUE(s.ok()) << s.status();
-  return s.ok() ? *s : "";
-}
-
-JsonValue ParseOrDie(std::string_view text) {
-  absl::StatusOr<JsonValue> v = ParseJson(text);
-  EXPECT_TRUE(v.ok()) << v.status();
-  return v.ok() ? *v : JsonValue();
-}
-
-std::vector<std::string> Lines(const std::string& text) {
-  std::vector<std::string> lines;
-  size_t start = 0;
-  while (start < text.size()) {
-    size_t end = text.find('\n', start);
-    if (end == std::string::npos) end = text.size();
-    if (end > start) lines.push_back(text.substr(start, end - start));
-    start = end + 1;
-  }
-  return lines;
-}
+using test_util::kEncodingDir;
+using test_util::Lines;
+using test_util::ParseOrDie;
+using test_util::ReadFile;
 
 ParseOptions Options(ThinkingMode mode) {
   ParseOptions o;

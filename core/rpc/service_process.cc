@@ -7,6 +7,7 @@
 #include "core/base/log.h"
 #include "core/base/mapped_file.h"
 #include "core/base/status_macros.h"
+#include "core/rpc/termination.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
@@ -30,10 +31,11 @@ void CommonFlags::Register(FlagSet& flags, bool with_router) {
   }
 }
 
-int ParseFlagsOrExit(FlagSet& flags, int argc, char** argv) {
+int ParseFlagsOrExit(FlagSet& flags, int argc, char** argv, std::string_view error_prefix) {
   absl::Status status = flags.Parse(argc, argv);
   if (!status.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(status.message()).c_str());
+    std::fprintf(stderr, "%s%s\n", std::string(error_prefix).c_str(),
+                 std::string(status.message()).c_str());
     return 2;
   }
   if (flags.help_requested()) {
@@ -41,6 +43,11 @@ int ParseFlagsOrExit(FlagSet& flags, int argc, char** argv) {
     return 0;
   }
   return -1;
+}
+
+int ReportSetupError(std::string_view binary, const absl::Status& status) {
+  std::fprintf(stderr, "%s: %s\n", std::string(binary).c_str(), status.ToString().c_str());
+  return 1;
 }
 
 absl::StatusOr<std::unique_ptr<ServiceProcess>> ServiceProcess::Create(std::string component,
@@ -128,6 +135,29 @@ void ServiceProcess::Shutdown(absl::Duration deadline) {
     server_->Wait();
   }
   base::LogInfo("stopped", {});
+}
+
+int ServiceProcess::ReportStartError(const absl::Status& status) {
+  base::LogError("cannot start", {{"error", status.ToString()}});
+  return 1;
+}
+
+int ServiceProcess::WaitForTerminationAndShutdown(const std::function<void()>& before_shutdown) {
+  int sig = WaitForTerminationSignal();
+  base::LogInfo("shutting down", {{"signal", sig}});
+  if (before_shutdown) before_shutdown();
+  Shutdown();
+  return 0;
+}
+
+int ServiceProcess::ServeUntilTerminated(const std::optional<Membership>& membership) {
+  absl::Status status = StartGrpc();
+  if (status.ok()) {
+    if (membership.has_value()) StartRegistration(membership->kind, membership->capacity);
+    status = AnnounceReady();
+  }
+  if (!status.ok()) return ReportStartError(status);
+  return WaitForTerminationAndShutdown();
 }
 
 }  // namespace expertmesh::rpc

@@ -3,8 +3,11 @@
 // that tests and `expertmesh up` poll for ports, and an orderly shutdown within a deadline.
 #pragma once
 
+#include <functional>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -32,9 +35,20 @@ struct CommonFlags {
   void Register(FlagSet& flags, bool with_router);
 };
 
-// Parses flags for a main(): prints usage and returns 0 for --help, prints the error and
-// returns 2 for bad flags, returns -1 to go on.
-int ParseFlagsOrExit(FlagSet& flags, int argc, char** argv);
+// Parses flags for a main() or a CLI command: prints usage and returns 0 for --help, prints
+// the error (after `error_prefix`, e.g. "expertmesh score: ") and returns 2 for bad flags,
+// returns -1 to go on.
+int ParseFlagsOrExit(FlagSet& flags, int argc, char** argv, std::string_view error_prefix = "");
+
+// Reports a failure to set a service binary up (before it serves) on stderr as
+// "<binary>: <status>"; returns 1, the exit code for main.
+int ReportSetupError(std::string_view binary, const absl::Status& status);
+
+// What a member registers with the router as (see ServiceProcess::StartRegistration).
+struct Membership {
+  expertmesh::v1::WorkerKind kind;
+  expertmesh::v1::Capacity capacity;
+};
 
 class ServiceProcess {
  public:
@@ -68,6 +82,20 @@ class ServiceProcess {
   void Shutdown(absl::Duration deadline = absl::Seconds(2));
 
   grpc::Server* server() { return server_.get(); }
+
+  // Logs "cannot start" with `status` (a failure after setup, once the log is configured);
+  // returns 1, the exit code for main.
+  static int ReportStartError(const absl::Status& status);
+
+  // Waits for a termination signal (requires BlockTerminationSignals), logs it, runs
+  // `before_shutdown` (if any; e.g. stops an HTTP server) and then Shutdown(). Returns 0, the
+  // exit code for main.
+  int WaitForTerminationAndShutdown(const std::function<void()>& before_shutdown = nullptr);
+
+  // The rest of a service's life once its services are added: StartGrpc, StartRegistration
+  // (with `membership`, if any), AnnounceReady, then WaitForTerminationAndShutdown. Returns the
+  // exit code for main: 1 (via ReportStartError) when it cannot start, 0 after a shutdown.
+  int ServeUntilTerminated(const std::optional<Membership>& membership);
 
  private:
   ServiceProcess() = default;

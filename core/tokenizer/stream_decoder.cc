@@ -2,39 +2,11 @@
 #include "core/tokenizer/utf8.h"
 
 namespace expertmesh::tokenizer {
-namespace {
-
-// Appends the decodable part of `s` to `out` (ill-formed subparts followed by more bytes become
-// U+FFFD) and returns how many trailing bytes must wait for more input.
-size_t AppendComplete(std::string_view s, std::string* out) {
-  size_t i = 0, run = 0;
-  while (i < s.size()) {
-    if (static_cast<uint8_t>(s[i]) < 0x80) {
-      ++i;
-      continue;
-    }
-    const Utf8Step step = NextUtf8(s.substr(i));
-    if (step.kind == Utf8Prefix::kComplete) {
-      i += step.length;
-    } else if (step.kind == Utf8Prefix::kIncomplete) {
-      break;
-    } else {
-      out->append(s.data() + run, i - run);
-      out->append(kReplacementChar);
-      i += step.length;
-      run = i;
-    }
-  }
-  out->append(s.data() + run, i - run);
-  return s.size() - i;
-}
-
-}  // namespace
 
 void StreamDecoder::AddBytes(std::string_view bytes, std::string* out) {
   if (bytes.empty()) return;
   if (pending_.empty()) {
-    const size_t held = AppendComplete(bytes, out);
+    const size_t held = AppendUtf8LossyHoldingTail(bytes, out);
     pending_.assign(bytes.substr(bytes.size() - held));
     return;
   }
@@ -44,11 +16,11 @@ void StreamDecoder::AddBytes(std::string_view bytes, std::string* out) {
     pending_.push_back(bytes[used++]);
     const Utf8Step step = NextUtf8(pending_);
     if (step.kind == Utf8Prefix::kIncomplete) continue;
-    const size_t held = AppendComplete(pending_, out);
+    const size_t held = AppendUtf8LossyHoldingTail(pending_, out);
     pending_.erase(0, pending_.size() - held);
   }
   if (pending_.empty() && used < bytes.size()) {
-    const size_t held = AppendComplete(bytes.substr(used), out);
+    const size_t held = AppendUtf8LossyHoldingTail(bytes.substr(used), out);
     pending_.assign(bytes.substr(bytes.size() - held));
   }
 }

@@ -54,7 +54,7 @@ bool IsValidUtf8(std::string_view s) {
   return true;
 }
 
-void AppendUtf8Lossy(std::string_view s, std::string* out) {
+size_t AppendUtf8LossyHoldingTail(std::string_view s, std::string* out) {
   size_t i = 0, run = 0;  // [run, i) is well-formed and not yet copied
   while (i < s.size()) {
     if (static_cast<uint8_t>(s[i]) < 0x80) {
@@ -66,12 +66,19 @@ void AppendUtf8Lossy(std::string_view s, std::string* out) {
       i += step.length;
       continue;
     }
+    if (step.kind == Utf8Prefix::kIncomplete) break;
     out->append(s.data() + run, i - run);
     out->append(kReplacementChar);
     i += step.length;
     run = i;
   }
   out->append(s.data() + run, i - run);
+  return s.size() - i;
+}
+
+void AppendUtf8Lossy(std::string_view s, std::string* out) {
+  // A truncated character can only be at the end, and it is one maximal ill-formed subpart.
+  if (AppendUtf8LossyHoldingTail(s, out) > 0) out->append(kReplacementChar);
 }
 
 void AppendCodePoint(char32_t cp, std::string* out) {

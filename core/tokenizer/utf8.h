@@ -39,7 +39,14 @@ inline std::string Utf8Lossy(std::string_view s) {
   return out;
 }
 
-// Encodes code point `cp` (must be a scalar value) as UTF-8 onto `out`.
+// Like AppendUtf8Lossy, but a truncated character at the end (which more bytes may complete) is
+// neither appended nor replaced: returns its length in bytes (0 when there is none), so a
+// streaming caller can keep those bytes for the next chunk.
+size_t AppendUtf8LossyHoldingTail(std::string_view s, std::string* out);
+
+// Encodes code point `cp` (<= U+10FFFF) as UTF-8 onto `out`. A surrogate comes out in its
+// 3-byte form, which the chat JSON reader relies on for a lone surrogate escape; callers that
+// need well-formed output pass scalar values only.
 void AppendCodePoint(char32_t cp, std::string* out);
 
 // Decodes the well-formed character at s[0] of `length` bytes (from NextUtf8).
