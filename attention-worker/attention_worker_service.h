@@ -1,20 +1,22 @@
-// The attention worker's gRPC service. Sequences cannot run yet (the cluster data path comes
-// with the model engine), so Generate and Cancel answer UNIMPLEMENTED; Drain and
-// GetSequenceStatus report the worker's real (empty) sequence table and draining flag.
+// The attention worker's gRPC service over its Scheduler: Generate streams a sequence's tokens
+// as they are sampled (a cancelled call frees the sequence at the next step boundary), Cancel
+// ends one by id, Drain stops admission, GetSequenceStatus reports the sequence table.
 #pragma once
 
 #include <atomic>
 #include <string>
 
+#include "attention-worker/scheduler.h"
 #include "expertmesh/v1/attention_worker.grpc.pb.h"
 
 namespace expertmesh::attention_worker {
 
 class AttentionWorkerService final : public expertmesh::v1::AttentionWorker::CallbackService {
  public:
-  explicit AttentionWorkerService(std::string model_dir) : model_dir_(std::move(model_dir)) {}
-
-  bool draining() const { return draining_.load(); }
+  // `scheduler` is not owned; it must outlive the server. Null until the model is loaded:
+  // Generate then answers UNAVAILABLE (or FAILED_PRECONDITION with no model at all).
+  explicit AttentionWorkerService(Scheduler* scheduler) : scheduler_(scheduler) {}
+  void set_scheduler(Scheduler* scheduler) { scheduler_.store(scheduler); }
 
   grpc::ServerWriteReactor<expertmesh::v1::SequenceTokens>* Generate(
       grpc::CallbackServerContext* context,
@@ -30,7 +32,7 @@ class AttentionWorkerService final : public expertmesh::v1::AttentionWorker::Cal
       expertmesh::v1::SequenceStatusResponse* response) override;
 
  private:
-  const std::string model_dir_;
+  std::atomic<Scheduler*> scheduler_;
   std::atomic<bool> draining_{false};
 };
 

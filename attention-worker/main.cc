@@ -1,5 +1,16 @@
-// expertmesh-attention-worker: runs sequences (data path to come); registers with the router.
+// expertmesh-attention-worker: runs sequences (continuous batching, attention, gate, shared
+// expert, sampling) and dispatches the routed experts to the expert workers the router places
+// them on; registers with the router.
+#include <memory>
+#include <string>
+
 #include "attention-worker/attention_worker_service.h"
+#include "attention-worker/expert_dispatcher.h"
+#include "attention-worker/placement_client.h"
+#include "attention-worker/scheduler.h"
+#include "core/base/log.h"
+#include "core/kernels/matmul.h"
+#include "core/model/model.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
 #include "core/rpc/worker_capacity.h"
@@ -9,18 +20,104 @@ int main(int argc, char** argv) {
   rpc::BlockTerminationSignals();
   rpc::CommonFlags common;
   rpc::CapacityFlags capacity;
-  std::string model;
+  std::string model_dir;
+  bool local_experts = false;
+  int64_t max_batch_tokens = 256, max_running = 64, state_mb = 8192, micro_batches = 2;
+  int64_t default_max_new = 256, expert_deadline_ms = 10000, expert_retries = 2;
+  int64_t placement_wait_ms = 60000, threads = 0;
   rpc::FlagSet flags("expertmesh-attention-worker",
-                     "Runs sequences: attention, gate, shared expert, sampling.");
+                     "Runs sequences: attention, gate, shared expert, sampling; routed experts "
+                     "on the expert workers.");
   common.Register(flags, /*with_router=*/true);
   capacity.Register(flags, /*with_max_experts=*/false);
-  flags.AddString("model", &model, "model directory (config.json + safetensors); may be empty");
+  flags.AddString("model", &model_dir, "model directory (config.json + safetensors); required "
+                                       "to run sequences");
+  flags.AddBool("local-experts", &local_experts,
+                "load the routed experts in this process too (no expert workers needed)");
+  flags.AddInt("max-batch-tokens", &max_batch_tokens,
+               "tokens per scheduler step (decode tokens + prefill chunks)");
+  flags.AddInt("max-running-sequences", &max_running, "sequences admitted at once");
+  flags.AddInt("state-memory-mb", &state_mb, "memory budget for sequence state, MiB");
+  flags.AddInt("micro-batches", &micro_batches,
+               "micro-batches per step that ping-pong at each MoE (1 = off)");
+  flags.AddInt("default-max-new-tokens", &default_max_new,
+               "max_new_tokens for requests that leave it 0");
+  flags.AddInt("expert-deadline-ms", &expert_deadline_ms, "deadline of each expert dispatch");
+  flags.AddInt("expert-retries", &expert_retries,
+               "retries of a failed expert dispatch on other replicas");
+  flags.AddInt("placement-wait-ms", &placement_wait_ms,
+               "how long to wait at start for a placement table covering every expert");
+  flags.AddInt("threads", &threads, "kernel threads (0 = EM_THREADS or all cores)");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv); rc >= 0) return rc;
   auto process = rpc::ServiceProcess::Create("attention-worker", common);
-  absl::Status status = process.ok() ? rpc::CheckModelDir(model) : process.status();
+  absl::Status status = process.ok() ? rpc::CheckModelDir(model_dir) : process.status();
   if (!status.ok()) return rpc::ReportSetupError("expertmesh-attention-worker", status);
-  attention_worker::AttentionWorkerService service(model);
-  (*process)->AddService(&service);
-  return (*process)->ServeUntilTerminated(
-      rpc::Membership{expertmesh::v1::WORKER_KIND_ATTENTION, capacity.ToProto()});
+  rpc::ServiceProcess* p = process->get();
+  kernels::SetKernelThreads(static_cast<int>(threads));
+
+  std::unique_ptr<model::Model> model;
+  std::unique_ptr<attention_worker::PlacementClient> placement;
+  std::unique_ptr<attention_worker::RemoteExpertDispatcher> dispatcher;
+  std::unique_ptr<attention_worker::Scheduler> scheduler;
+  if (!model_dir.empty()) {
+    model::LoadOptions lo;
+    if (!local_experts) lo.load_expert = [](int, int) { return false; };
+    auto loaded = model::Model::Load(model_dir, lo);
+    if (!loaded.ok()) return rpc::ReportSetupError("expertmesh-attention-worker", loaded.status());
+    model = std::move(*loaded);
+  }
+  attention_worker::AttentionWorkerService service(nullptr);
+  p->AddService(&service);
+  status = p->StartGrpc();
+  if (!status.ok()) return rpc::ServiceProcess::ReportStartError(status);
+  p->StartRegistration(rpc::Membership{expertmesh::v1::WORKER_KIND_ATTENTION,
+                                       capacity.ToProto(),
+                                       std::string(kernels::ActiveKernelTargetName()),
+                                       nullptr});
+  if (model != nullptr) {
+    if (!local_experts) {
+      if (common.router.empty()) {
+        return rpc::ServiceProcess::ReportStartError(absl::InvalidArgumentError(
+            "--router is required to reach the expert workers (or pass --local-experts)"));
+      }
+      attention_worker::PlacementClientOptions po;
+      po.registry = &p->registry();
+      po.on_version = [p](uint64_t version) {
+        if (rpc::RouterRegistration* r = p->registration()) r->set_placement_version(version);
+      };
+      placement = std::make_unique<attention_worker::PlacementClient>(common.router, po);
+      std::vector<attention_worker::ExpertKey> needed;
+      const model::ModelConfig& c = model->config();
+      for (const model::BlockWeights& b : model->weights().layers) {
+        for (int e = 0; e < c.n_routed_experts; ++e) needed.push_back({b.block, e});
+      }
+      for (const model::MtpWeights& m : model->weights().mtp) {
+        for (int e = 0; e < c.n_routed_experts; ++e) needed.push_back({m.block.block, e});
+      }
+      status = placement->WaitForPlacement(absl::Milliseconds(placement_wait_ms), needed);
+      if (!status.ok()) return rpc::ServiceProcess::ReportStartError(status);
+      attention_worker::ExpertDispatcherOptions dopts;
+      dopts.deadline = absl::Milliseconds(expert_deadline_ms);
+      dopts.retry_budget = static_cast<int>(expert_retries);
+      dopts.registry = &p->registry();
+      dispatcher =
+          std::make_unique<attention_worker::RemoteExpertDispatcher>(placement.get(), dopts);
+      model->set_expert_dispatcher(dispatcher.get());
+    }
+    attention_worker::SchedulerOptions so;
+    so.max_batch_tokens = max_batch_tokens;
+    so.max_running_sequences = static_cast<int>(max_running);
+    so.state_memory_bytes = state_mb << 20;
+    so.micro_batches = static_cast<int>(micro_batches);
+    so.default_max_new_tokens = default_max_new;
+    scheduler = std::make_unique<attention_worker::Scheduler>(model.get(), so, &p->registry());
+    service.set_scheduler(scheduler.get());
+  }
+  status = p->AnnounceReady();
+  if (!status.ok()) return rpc::ServiceProcess::ReportStartError(status);
+  const int rc = p->WaitForTerminationAndShutdown([&] {
+    if (scheduler) scheduler->Drain();
+  });
+  if (scheduler) scheduler->Stop();
+  return rc;
 }

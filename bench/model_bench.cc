@@ -1,16 +1,23 @@
-// Benchmark (1) of issue 4: single-process prefill and decode tokens/s of the reference engine
-// on the tiny default model, measured side by side in one run (prefill in one piece and in
-// chunks; decode at batch 1 and batch B). Not a test.
+// Benchmark (1) of issue 4, and the cost of batch invariance: single-process prefill and decode
+// tokens/s of the reference engine on the tiny default model, with the batch-invariant kernels
+// (the default) and the legacy ones (kernels::KernelVariant::kLegacy: the earlier FP8 GEMV)
+// measured side by side in one run. The measurements alternate A B, B A, A B, ... round by round,
+// so slow drift and other processes on this shared machine hit both variants alike; each
+// workload reports the median over rounds per variant and the median of the per-round ratios.
+// Not a test.
 //
-//   model_bench [--model DIR] [--prompt P] [--decode N] [--batch B] [--threads T]
+//   model_bench [--model DIR] [--prompt P] [--decode N] [--batch B] [--chunk C] [--threads T]
+//               [--rounds R]
 // Without --model it writes the `tiny` preset (seed 0) to a temporary directory first.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -27,6 +34,12 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "model_bench: %s\n", std::string(s.message()).c_str());
   return 1;
@@ -36,7 +49,7 @@ int Fail(const absl::Status& s) {
 
 int main(int argc, char** argv) {
   std::string dir;
-  int64_t prompt = 256, decode = 32, batch = 8, threads = 0, chunk = 64;
+  int64_t prompt = 256, decode = 32, batch = 8, threads = 0, chunk = 64, rounds = 5;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     const char* v = argv[i + 1];
@@ -52,6 +65,8 @@ int main(int argc, char** argv) {
       threads = std::atoll(v);
     else if (k == "--chunk")
       chunk = std::atoll(v);
+    else if (k == "--rounds")
+      rounds = std::max<int64_t>(1, std::atoll(v));
     else {
       std::fprintf(stderr, "model_bench: unknown flag %s\n", k.c_str());
       return 2;
@@ -80,7 +95,11 @@ int main(int argc, char** argv) {
               c.num_hidden_layers, c.n_routed_experts, c.num_experts_per_tok,
               kernels::KernelThreads());
 
-  // Prefill: one piece and chunked (the same tokens; separate fresh states).
+  std::printf("kernel target %s; %lld rounds, variants alternating\n",
+              std::string(kernels::ActiveKernelTargetName()).c_str(),
+              static_cast<long long>(rounds));
+
+  // Prefill of `prompt` tokens in pieces of `ch` into a fresh state: tokens/s.
   auto prefill = [&](int64_t ch) -> absl::StatusOr<double> {
     model::SequenceState st = model.NewState();
     auto t0 = Clock::now();
@@ -91,21 +110,16 @@ int main(int argc, char** argv) {
     }
     return prompt / Seconds(t0, Clock::now());
   };
-  auto warm = prefill(prompt);  // page in the weights
-  if (!warm.ok()) return Fail(warm.status());
-  auto whole = prefill(prompt);
-  auto chunked = prefill(chunk);
-  if (!whole.ok() || !chunked.ok()) return Fail(whole.ok() ? chunked.status() : whole.status());
-
-  // Decode: `batch` sequences after the prompt, each step one token per sequence.
+  // Every decode run starts from copies of one state that has consumed the prompt.
+  model::SequenceState after_prompt = model.NewState();
+  {
+    model::Segment s{&after_prompt, absl::MakeConstSpan(ids.data(), prompt)};
+    auto l = model.Forward({&s, 1}, {});  // also pages in the weights
+    if (!l.ok()) return Fail(l.status());
+  }
+  // `decode` steps of `b` sequences at position `prompt`, one token each per step: tokens/s.
   auto run_decode = [&](int64_t b) -> absl::StatusOr<double> {
-    std::vector<model::SequenceState> st;
-    for (int64_t i = 0; i < b; ++i) {
-      st.push_back(model.NewState());
-      model::Segment s{&st.back(), absl::MakeConstSpan(ids.data(), prompt)};
-      auto l = model.Forward({&s, 1}, {});
-      if (!l.ok()) return l.status();
-    }
+    std::vector<model::SequenceState> st(b, after_prompt);
     auto t0 = Clock::now();
     for (int64_t step = 0; step < decode; ++step) {
       std::vector<model::Segment> segs;
@@ -117,18 +131,54 @@ int main(int argc, char** argv) {
     }
     return b * decode / Seconds(t0, Clock::now());
   };
-  auto d1 = run_decode(1);
-  auto db = run_decode(batch);
-  if (!d1.ok() || !db.ok()) return Fail(d1.ok() ? db.status() : d1.status());
 
-  std::printf("prefill %lld tokens, one piece:      %10.1f tok/s\n", static_cast<long long>(prompt),
-              *whole);
-  std::printf("prefill %lld tokens, chunks of %lld:  %10.1f tok/s\n",
-              static_cast<long long>(prompt), static_cast<long long>(chunk), *chunked);
-  std::printf("decode batch 1 (at position %lld):   %10.1f tok/s\n", static_cast<long long>(prompt),
-              *d1);
-  std::printf("decode batch %lld (at position %lld):   %10.1f tok/s (%.2fx batch 1)\n",
-              static_cast<long long>(batch), static_cast<long long>(prompt), *db, *db / *d1);
+  struct Workload {
+    std::string name;
+    std::function<absl::StatusOr<double>()> run;
+    std::vector<double> rate[2];  // tokens/s per round: [0] invariant, [1] legacy
+    std::vector<double> ratio;    // invariant / legacy per round
+  };
+  std::vector<Workload> work;
+  work.push_back({"prefill " + std::to_string(prompt) + " tokens, one piece",
+                  [&] { return prefill(prompt); }});
+  work.push_back(
+      {"prefill " + std::to_string(prompt) + " tokens, chunks of " + std::to_string(chunk),
+       [&] { return prefill(chunk); }});
+  work.push_back(
+      {"decode batch 1 at position " + std::to_string(prompt), [&] { return run_decode(1); }});
+  work.push_back(
+      {"decode batch " + std::to_string(batch) + " at position " + std::to_string(prompt),
+       [&] { return run_decode(batch); }});
+  const kernels::KernelVariant kVariants[2] = {kernels::KernelVariant::kInvariant,
+                                               kernels::KernelVariant::kLegacy};
+  for (int64_t r = 0; r < rounds; ++r) {
+    for (Workload& wl : work) {
+      double rate[2];
+      for (int k = 0; k < 2; ++k) {
+        const int v = (r % 2 == 0) ? k : 1 - k;  // A B, then B A
+        kernels::SetKernelVariantForBench(kVariants[v]);
+        auto got = wl.run();
+        if (!got.ok()) return Fail(got.status());
+        rate[v] = *got;
+      }
+      wl.rate[0].push_back(rate[0]);
+      wl.rate[1].push_back(rate[1]);
+      wl.ratio.push_back(rate[0] / rate[1]);
+    }
+  }
+  kernels::SetKernelVariantForBench(kernels::KernelVariant::kInvariant);
+
+  std::printf("%-40s %14s %14s %8s %14s\n", "tokens/s (median of rounds)", "invariant", "legacy",
+              "ratio", "ratio range");
+  for (const Workload& wl : work) {
+    std::printf("%-40s %14.1f %14.1f %8.3f %6.3f-%-6.3f\n", wl.name.c_str(), Median(wl.rate[0]),
+                Median(wl.rate[1]), Median(wl.ratio),
+                *std::min_element(wl.ratio.begin(), wl.ratio.end()),
+                *std::max_element(wl.ratio.begin(), wl.ratio.end()));
+  }
+  std::printf(
+      "(ratio: invariant / legacy tokens/s, the median of the per-round ratios; >= 0.9 "
+      "is the goal)\n");
   if (!tmp.empty()) std::filesystem::remove_all(tmp);
   return 0;
 }

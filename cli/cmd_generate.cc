@@ -6,6 +6,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "cli/cluster_experts.h"
 #include "cli/commands.h"
 #include "core/engine/engine.h"
 #include "core/kernels/matmul.h"
@@ -17,10 +18,10 @@ namespace expertmesh::cli {
 
 int RunGenerate(int argc, char** argv) {
   std::string model_dir, ids_text, temperature = "0", top_p = "1";
-  int64_t max_new = 16, seed = 0, top_k = 0, threads = 0, chunk = 0, stop = -1;
+  int64_t max_new = 16, seed = 0, top_k = 0, threads = 0, chunk = 0, stop = -1, cluster = 0;
   rpc::FlagSet flags(
       "expertmesh generate --model DIR --ids 1,2,3 --max-new N [--temperature T --seed S "
-      "--top-p P --top-k K] [--threads T] [--chunk C] [--stop ID]",
+      "--top-p P --top-k K] [--threads T] [--chunk C] [--stop ID] [--cluster N]",
       "Prefills the prompt ids, then samples up to N new tokens (greedy when --temperature is "
       "0). Prints the new ids and the prefill and decode speeds.");
   flags.AddString("model", &model_dir, "checkpoint directory");
@@ -33,6 +34,9 @@ int RunGenerate(int argc, char** argv) {
   flags.AddInt("threads", &threads, "kernel threads (0 = EM_THREADS or all cores)");
   flags.AddInt("chunk", &chunk, "prefill chunk size (0 = one piece)");
   flags.AddInt("stop", &stop, "stop after this token id (-1 = never)");
+  flags.AddInt("cluster", &cluster,
+               "compute the routed experts on a local cluster of a router and N expert "
+               "workers that the command starts and stops (0 = all in this process)");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv, "expertmesh generate: "); rc >= 0)
     return rc;
   std::vector<int32_t> ids;
@@ -60,10 +64,21 @@ int RunGenerate(int argc, char** argv) {
     return 2;
   }
   kernels::SetKernelThreads(static_cast<int>(threads));
-  auto m = model::Model::Load(model_dir);
+  auto m = model::Model::Load(model_dir,
+                              cluster > 0 ? WithoutRoutedExperts() : model::LoadOptions{});
   if (!m.ok()) {
     std::fprintf(stderr, "expertmesh generate: %s\n", std::string(m.status().message()).c_str());
     return 1;
+  }
+  std::unique_ptr<ClusterExperts> experts;
+  if (m.ok() && cluster > 0) {
+    auto started = ClusterExperts::Start(**m, model_dir, static_cast<int>(cluster));
+    if (!started.ok()) {
+      std::fprintf(stderr, "expertmesh generate: --cluster: %s\n",
+                   std::string(started.status().message()).c_str());
+      return 1;
+    }
+    experts = std::move(*started);
   }
   auto g = engine::Generate(**m, ids, max_new, sp, chunk, static_cast<int32_t>(stop));
   if (!g.ok()) {

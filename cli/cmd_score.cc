@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <string>
 
+#include "cli/cluster_experts.h"
 #include "cli/commands.h"
 #include "core/engine/score.h"
 #include "core/kernels/matmul.h"
@@ -15,10 +16,11 @@ namespace expertmesh::cli {
 int RunScore(int argc, char** argv) {
   std::string model_dir, input, out;
   int64_t prefill = 0, threads = 0, chunk = 0;
-  bool mtp = false;
+  bool mtp = false, batch_sequences = false;
+  int64_t cluster = 0;
   rpc::FlagSet flags(
       "expertmesh score --model DIR --input IN.safetensors --prefill N --out OUT.safetensors "
-      "[--mtp] [--threads T] [--chunk C]",
+      "[--mtp] [--threads T] [--chunk C] [--batch-sequences] [--cluster N]",
       "Reads input_ids (I32 [batch, tokens]) and writes logits (F32 [batch, tokens, vocab]): one "
       "prefill of the first N tokens from position 0, then one-token decode steps (teacher "
       "forcing). With --mtp also mtp_logits [batch, N-1, vocab] (a fresh trunk over the first "
@@ -30,6 +32,11 @@ int RunScore(int argc, char** argv) {
   flags.AddBool("mtp", &mtp, "also write mtp_logits");
   flags.AddInt("threads", &threads, "kernel threads (0 = EM_THREADS or all cores)");
   flags.AddInt("chunk", &chunk, "prefill chunk size (0 = one piece)");
+  flags.AddBool("batch-sequences", &batch_sequences,
+                "run all input sequences together in every forward pass (one batch)");
+  flags.AddInt("cluster", &cluster,
+                "compute the routed experts on a local cluster of a router and N expert "
+                "workers that the command starts and stops (0 = all in this process)");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv, "expertmesh score: "); rc >= 0) return rc;
   if (model_dir.empty() || input.empty() || out.empty() || prefill <= 0) {
     std::fprintf(stderr,
@@ -38,12 +45,24 @@ int RunScore(int argc, char** argv) {
     return 2;
   }
   kernels::SetKernelThreads(static_cast<int>(threads));
-  auto m = model::Model::Load(model_dir);
+  auto m = model::Model::Load(model_dir,
+                              cluster > 0 ? WithoutRoutedExperts() : model::LoadOptions{});
   if (!m.ok()) {
     std::fprintf(stderr, "expertmesh score: %s\n", std::string(m.status().message()).c_str());
     return 1;
   }
+  std::unique_ptr<ClusterExperts> experts;
+  if (cluster > 0) {
+    auto started = ClusterExperts::Start(**m, model_dir, static_cast<int>(cluster));
+    if (!started.ok()) {
+      std::fprintf(stderr, "expertmesh score: --cluster: %s\n",
+                   std::string(started.status().message()).c_str());
+      return 1;
+    }
+    experts = std::move(*started);
+  }
   engine::ScoreOptions o;
+  o.batch_sequences = batch_sequences;
   o.prefill = prefill;
   o.chunk = chunk;
   o.mtp = mtp;

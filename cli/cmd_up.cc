@@ -1,12 +1,14 @@
-// `expertmesh up`: starts the local cluster on loopback (cli/local_cluster.h) and keeps it up
-// until Ctrl-C or SIGTERM. If a service dies unexpectedly, `up` reports it and stops the rest:
-// a half cluster would only hide the failure.
-#include <limits.h>
+// `expertmesh up`: starts the local cluster on loopback (cli/local_cluster.h), writes
+// <run-dir>/cluster.json for tests and tools, and keeps the cluster up until Ctrl-C or SIGTERM.
+// A service that dies is restarted (with backoff, a bounded number of times a minute, its log
+// tail printed); with --exit-on-failure, or past the restart limit, `up` stops everything and
+// exits 1 instead.
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstdio>
 #include <string>
 
@@ -58,17 +60,34 @@ int RunUp(int argc, char** argv) {
   int64_t http_port = options.http_port;
   int64_t base_port = options.base_port;
   int64_t ready_timeout_s = 60;
+  int64_t attention_workers = options.attention_workers;
+  int64_t expert_workers = options.expert_workers;
+  int64_t expert_replicas = options.expert_replicas;
+  int64_t max_restarts = options.max_restarts_per_minute;
+  bool exit_on_failure = false;
   std::string bin_dir;
   const std::string repo = EM_REPO_DIR;
   std::string model_dir = repo + "/var/models/tiny";
   std::string log_dir = repo + "/var/log/up";
+  std::string run_dir = repo + "/var/run";
   rpc::FlagSet flags("expertmesh up",
-                     "Starts router, kv-store, one attention worker, two expert workers and the "
-                     "gateway on loopback; stops them all on Ctrl-C or SIGTERM.");
+                     "Starts router, kv-store, A attention workers, E expert workers and the "
+                     "gateway on loopback, writes <run-dir>/cluster.json, restarts services that "
+                     "die, and stops them all on Ctrl-C or SIGTERM.");
   flags.AddInt("http-port", &http_port, "gateway HTTP API port (0 = pick a free port)");
   flags.AddInt("base-port", &base_port,
-               "gRPC ports are base..base+5 (router, kv-store, attention-worker, expert-worker-0, "
-               "expert-worker-1, gateway), metrics ports base+10..base+15 (0 = all picked freely)");
+               "service i (router, kv-store, attention-worker-0.., expert-worker-0.., gateway) "
+               "gets gRPC port base+i and metrics port base+i+max(10, services) (0 = all ports "
+               "picked freely)");
+  flags.AddInt("attention-workers", &attention_workers, "number of attention workers (A)");
+  flags.AddInt("expert-workers", &expert_workers, "number of expert workers (E)");
+  flags.AddInt("expert-replicas", &expert_replicas,
+               "replicas per expert, passed to the router (needs a router with the flag)");
+  flags.AddString("run-dir", &run_dir, "directory for cluster.json");
+  flags.AddBool("exit-on-failure", &exit_on_failure,
+                "stop the cluster and exit 1 when a service dies instead of restarting it");
+  flags.AddInt("max-restarts-per-minute", &max_restarts,
+               "restarts allowed per service within a minute before `up` gives up");
   flags.AddString("host", &options.host, "loopback address the services bind");
   flags.AddString("model", &model_dir,
                   "model directory; the default is created (preset tiny, seed 0) if absent");
@@ -80,19 +99,26 @@ int RunUp(int argc, char** argv) {
   flags.AddString("bin-dir", &bin_dir,
                   "build tree with the service binaries (default: the tree of this expertmesh)");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv, "expertmesh up: "); rc >= 0) return rc;
-  if (http_port < 0 || http_port > 65535 || base_port < 0 || base_port > 65535 - 15) {
-    std::fprintf(stderr, "expertmesh up: --http-port or --base-port out of range\n");
+  if (attention_workers < 1 || attention_workers > 1000 || expert_workers < 1 ||
+      expert_workers > 1000) {
+    std::fprintf(stderr,
+                 "expertmesh up: --attention-workers and --expert-workers must be 1..1000\n");
     return 2;
   }
-  if (bin_dir.empty()) {
-    char exe[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-    if (n <= 0) {
-      std::fprintf(stderr, "expertmesh up: cannot resolve /proc/self/exe; pass --bin-dir\n");
-      return 1;
-    }
-    exe[n] = '\0';
-    bin_dir = Dirname(Dirname(exe));  // <build>/cli/expertmesh -> <build>
+  if (expert_replicas < 1 || max_restarts < 0) {
+    std::fprintf(stderr,
+                 "expertmesh up: --expert-replicas must be >= 1, --max-restarts-per-minute "
+                 ">= 0\n");
+    return 2;
+  }
+  const int services = static_cast<int>(attention_workers + expert_workers) + 3;
+  if (http_port < 0 || http_port > 65535 || base_port < 0 ||
+      !PortRangeFits(static_cast<int>(std::min<int64_t>(base_port, 65535)), services)) {
+    std::fprintf(stderr,
+                 "expertmesh up: --http-port or --base-port out of range (%d services need "
+                 "base..base+%d)\n",
+                 services, services - 1 + std::max(10, services));
+    return 2;
   }
   if (!Exists(model_dir + "/config.json")) {
     if (Exists(model_dir)) {
@@ -115,9 +141,15 @@ int RunUp(int argc, char** argv) {
   }
   options.http_port = static_cast<int>(http_port);
   options.base_port = static_cast<int>(base_port);
-  options.bin_dir = bin_dir;
+  options.bin_dir = bin_dir;  // empty: LocalCluster resolves the tree of this executable
   options.model_dir = model_dir;
   options.log_dir = log_dir;
+  options.run_dir = run_dir;
+  options.attention_workers = static_cast<int>(attention_workers);
+  options.expert_workers = static_cast<int>(expert_workers);
+  options.expert_replicas = static_cast<int>(expert_replicas);
+  options.restart_on_failure = !exit_on_failure;
+  options.max_restarts_per_minute = static_cast<int>(max_restarts);
   options.ready_timeout = absl::Seconds(ready_timeout_s);
   options.should_abort = SignalPending;
 
@@ -135,12 +167,9 @@ int RunUp(int argc, char** argv) {
       std::fprintf(stderr, "up: %s received; stopping the cluster\n", strsignal(g_signal));
       break;
     }
-    if (auto dead = (*cluster)->ReapExited()) {
-      std::fprintf(stderr,
-                   "expertmesh up: %s (pid %d) stopped unexpectedly (wait status %d); stopping "
-                   "the cluster. Last lines of %s:\n%s",
-                   dead->name.c_str(), static_cast<int>(dead->pid), dead->wait_status,
-                   dead->log_path.c_str(), TailFile(dead->log_path, 20).c_str());
+    if (absl::Status s = (*cluster)->Supervise(); !s.ok()) {
+      std::fprintf(stderr, "expertmesh up: %s\nexpertmesh up: stopping the cluster\n",
+                   std::string(s.message()).c_str());
       exit_code = 1;
       break;
     }

@@ -1,16 +1,23 @@
 #include "cli/local_cluster.h"
 
 #include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
-#include <deque>
+#include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <set>
 #include <sstream>
 
@@ -23,6 +30,9 @@ namespace {
 
 // Poll period of readiness and exit checks (polling a state, not sleeping for one).
 constexpr absl::Duration kPoll = absl::Milliseconds(20);
+// Bound on the RPCs a supervision step makes, so that Ctrl-C is still taken promptly.
+constexpr absl::Duration kSuperviseRpcTimeout = absl::Milliseconds(300);
+constexpr absl::Duration kRestartWindow = absl::Minutes(1);
 
 std::string Describe(int wait_status) {
   if (WIFEXITED(wait_status))
@@ -36,6 +46,7 @@ std::string Describe(int wait_status) {
 
 bool Reap(ClusterMember& m) {
   if (m.exited) return true;
+  if (m.pid == 0) return false;
   int status = 0;
   pid_t r = waitpid(m.pid, &status, WNOHANG);
   if (r == m.pid || (r < 0 && errno == ECHILD)) {
@@ -45,7 +56,105 @@ bool Reap(ClusterMember& m) {
   return m.exited;
 }
 
+std::string Dirname(const std::string& path) {
+  size_t slash = path.rfind('/');
+  return slash == std::string::npos || slash == 0 ? std::string("/") : path.substr(0, slash);
+}
+
+absl::Status MakeDirs(const std::string& path) {
+  std::error_code error;
+  std::filesystem::create_directories(path, error);
+  if (error) return absl::FailedPreconditionError("cannot create " + path + ": " + error.message());
+  return absl::OkStatus();
+}
+
+std::string FormatSeconds(absl::Duration d) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.1f s", absl::ToDoubleSeconds(d));
+  return text;
+}
+
+// `binary --help` output, cached: every service's flag list is fixed for the life of a build.
+std::string HelpText(const std::string& binary) {
+  static std::mutex mu;
+  static std::map<std::string, std::string> cache;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(binary);
+    if (it != cache.end()) return it->second;
+  }
+  std::string text;
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) != 0) return text;
+  int null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+  std::string arg0 = binary, arg1 = "--help";
+  char* argv[] = {arg0.data(), arg1.data(), nullptr};
+  sigset_t none;
+  sigemptyset(&none);
+  pid_t pid = fork();
+  if (pid == 0) {
+    sigprocmask(SIG_SETMASK, &none, nullptr);
+    if (null_fd >= 0) {
+      dup2(null_fd, 0);
+      dup2(null_fd, 2);
+    }
+    dup2(fds[1], 1);
+    execv(argv[0], argv);
+    _exit(127);
+  }
+  close(fds[1]);
+  if (null_fd >= 0) close(null_fd);
+  if (pid < 0) {
+    close(fds[0]);
+    return text;
+  }
+  // A --help that hangs must not hang the cluster start: read for at most a few seconds.
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  char buf[4096];
+  while (true) {
+    int left_ms = static_cast<int>(absl::ToInt64Milliseconds(deadline - absl::Now()));
+    if (left_ms <= 0) break;
+    struct pollfd p = {fds[0], POLLIN, 0};
+    if (poll(&p, 1, left_ms) <= 0) break;
+    ssize_t n = read(fds[0], buf, sizeof(buf));
+    if (n <= 0) break;
+    text.append(buf, static_cast<size_t>(n));
+  }
+  close(fds[0]);
+  kill(pid, SIGKILL);  // no-op when it already exited; it is our child, so the pid is still ours
+  int status = 0;
+  waitpid(pid, &status, 0);
+  std::lock_guard<std::mutex> lock(mu);
+  cache[binary] = text;
+  return text;
+}
+
 }  // namespace
+
+PortLayout PortsFor(int base_port, int index, int service_count) {
+  if (base_port == 0) return {};
+  return {base_port + index, base_port + index + std::max(10, service_count)};
+}
+
+bool PortRangeFits(int base_port, int service_count) {
+  if (base_port == 0) return true;
+  PortLayout last = PortsFor(base_port, service_count - 1, service_count);
+  return base_port > 0 && last.metrics <= 65535;
+}
+
+bool BinaryHasFlag(const std::string& binary, const std::string& flag) {
+  const std::string help = HelpText(binary);
+  const std::string needle = "  --" + flag;
+  for (size_t pos = help.find(needle); pos != std::string::npos;
+       pos = help.find(needle, pos + 1)) {
+    if (pos != 0 && help[pos - 1] != '\n') continue;
+    size_t end = pos + needle.size();
+    if (end == help.size() || help[end] == '\n' || help[end] == ' ' || help[end] == '=') {
+      return true;
+    }
+  }
+  return false;
+}
 
 std::string TailFile(const std::string& path, int lines) {
   std::ifstream in(path);
@@ -61,26 +170,148 @@ std::string TailFile(const std::string& path, int lines) {
   return out;
 }
 
+void LocalCluster::Say(const std::string& line) const {
+  if (options_.quiet) return;
+  std::fprintf(stderr, "%s\n", line.c_str());
+  std::fflush(stderr);
+}
+
 absl::Status LocalCluster::Failure(const ClusterMember& m, const std::string& what) const {
   return absl::UnavailableError(m.name + " " + what + "; last lines of " + m.log_path + ":\n" +
                                 TailFile(m.log_path, 20));
 }
 
-absl::Status LocalCluster::Spawn(ClusterMember& m, const std::vector<std::string>& args) {
-  if (access(m.binary.c_str(), X_OK) != 0) {
-    return absl::FailedPreconditionError(
-        "cannot start " + m.name + ": " + m.binary + " is missing (build it: cmake --build " +
-        options_.bin_dir + " --target " + m.binary.substr(m.binary.rfind('/') + 1) + ")");
+absl::Status LocalCluster::Plan() {
+  LocalClusterOptions& o = options_;
+  if (o.attention_workers < 0 || o.expert_workers < 0) {
+    return absl::InvalidArgumentError("attention_workers and expert_workers must be >= 0");
   }
-  m.log_path = options_.log_dir + "/" + m.name + ".log";
-  int log_fd = open(m.log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (o.expert_replicas < 1) return absl::InvalidArgumentError("expert_replicas must be >= 1");
+  if (o.model_dir.empty() && (o.attention_workers + o.expert_workers > 0 || o.with_gateway)) {
+    return absl::InvalidArgumentError("model_dir is empty");
+  }
+  if (o.bin_dir.empty()) {
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (n <= 0) return absl::FailedPreconditionError("cannot resolve /proc/self/exe; set bin_dir");
+    exe[n] = '\0';
+    o.bin_dir = Dirname(Dirname(exe));  // <build>/cli/expertmesh -> <build>
+  }
+  if (o.log_dir.empty()) {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string templ = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") +
+                        "/expertmesh-cluster-XXXXXX";
+    if (mkdtemp(templ.data()) == nullptr) {
+      return absl::FailedPreconditionError("cannot create a log directory " + templ + ": " +
+                                           std::strerror(errno));
+    }
+    o.log_dir = templ;
+    temp_log_dir_ = true;
+  } else if (absl::Status s = MakeDirs(o.log_dir); !s.ok()) {
+    return s;
+  }
+  if (!o.run_dir.empty()) {
+    if (absl::Status s = MakeDirs(o.run_dir); !s.ok()) return s;
+  }
+
+  const std::string& bin = o.bin_dir;
+  auto add = [&](std::string kind, int index, std::string binary) {
+    ClusterMember m;
+    m.kind = kind;
+    m.index = index;
+    m.name = kind == "attention-worker" || kind == "expert-worker"
+                 ? kind + "-" + std::to_string(index)
+                 : kind;
+    m.binary = std::move(binary);
+    m.log_path = o.log_dir + "/" + m.name + ".log";
+    members_.push_back(std::move(m));
+  };
+  add("router", 0, bin + "/router/expertmesh-router");
+  if (o.with_kv_store) add("kv-store", 0, bin + "/kv-store/expertmesh-kv-store");
+  for (int i = 0; i < o.attention_workers; ++i) {
+    add("attention-worker", i, bin + "/attention-worker/expertmesh-attention-worker");
+  }
+  for (int i = 0; i < o.expert_workers; ++i) {
+    add("expert-worker", i, bin + "/expert-worker/expertmesh-expert-worker");
+  }
+  if (o.with_gateway) add("gateway", 0, bin + "/gateway/expertmesh-gateway");
+  const int count = static_cast<int>(members_.size());
+  if (!PortRangeFits(o.base_port, count)) {
+    return absl::InvalidArgumentError(
+        "base port " + std::to_string(o.base_port) + " leaves no room for " +
+        std::to_string(count) + " services (gRPC and metrics ports must stay <= 65535)");
+  }
+  for (const ClusterMember& m : members_) {
+    if (access(m.binary.c_str(), X_OK) != 0) {
+      return absl::FailedPreconditionError(
+          "cannot start " + m.name + ": " + m.binary + " is missing (build it: cmake --build " +
+          bin + " --target " + m.binary.substr(m.binary.rfind('/') + 1) + ")");
+    }
+  }
+
+  // Flags that newer services gained are passed only where the binary lists them, so that a
+  // cluster starts from an older build tree too.
+  ClusterMember& router = members_[0];
+  const bool router_replicas = BinaryHasFlag(router.binary, "expert-replicas");
+  if (o.expert_replicas != 1 && !router_replicas) {
+    return absl::FailedPreconditionError(router.binary +
+                                         " has no --expert-replicas flag; cannot run with " +
+                                         std::to_string(o.expert_replicas) + " replicas");
+  }
+  const std::string level = "--log-level=" + o.log_level;
+  router.args = {level, "--lease-ms=" + std::to_string(o.lease_ms)};
+  if (router_replicas) {
+    router.args.push_back("--expert-replicas=" + std::to_string(o.expert_replicas));
+  }
+  if (!o.model_dir.empty() && BinaryHasFlag(router.binary, "model")) {
+    router.args.push_back("--model=" + o.model_dir);
+  }
+  router.args.insert(router.args.end(), o.extra_router_args.begin(), o.extra_router_args.end());
+  for (size_t i = 1; i < members_.size(); ++i) {
+    ClusterMember& m = members_[i];
+    m.args = {level};
+    if (m.kind != "kv-store") m.args.push_back("--model=" + o.model_dir);
+    if (m.kind == "attention-worker") {
+      m.args.insert(m.args.end(), o.extra_attention_worker_args.begin(),
+                    o.extra_attention_worker_args.end());
+    } else if (m.kind == "expert-worker") {
+      if (BinaryHasFlag(m.binary, "drain-timeout-ms")) {
+        m.args.push_back("--drain-timeout-ms=" + std::to_string(o.expert_drain_timeout_ms));
+      }
+      m.args.insert(m.args.end(), o.extra_expert_worker_args.begin(),
+                    o.extra_expert_worker_args.end());
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LocalCluster::Spawn(ClusterMember& m, int grpc_port, int metrics_port,
+                                 int http_port) {
+  const std::string ready = options_.log_dir + "/" + m.name + ".ready";
+  unlink(ready.c_str());
+  // A restart appends, so that the log of the run that died stays readable.
+  const bool restart = m.pid != 0;
+  int log_fd = open(m.log_path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (restart ? O_APPEND : O_TRUNC),
+                    0644);
   if (log_fd < 0) {
     return absl::FailedPreconditionError("cannot write " + m.log_path + ": " +
                                          std::strerror(errno));
   }
+  if (restart) {
+    std::string banner = "==== expertmesh up: restarting " + m.name + " (previous pid " +
+                         std::to_string(m.pid) + " " + Describe(m.wait_status) + ") ====\n";
+    if (write(log_fd, banner.data(), banner.size()) < 0) {
+      // Only a marker in the log; the restart goes on without it.
+    }
+  }
   int null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  const std::string& h = options_.host;
   std::vector<std::string> argv_strings = {m.binary};
-  argv_strings.insert(argv_strings.end(), args.begin(), args.end());
+  argv_strings.insert(argv_strings.end(), m.args.begin(), m.args.end());
+  argv_strings.push_back("--listen=" + h + ":" + std::to_string(grpc_port));
+  argv_strings.push_back("--metrics-listen=" + h + ":" + std::to_string(metrics_port));
+  argv_strings.push_back("--ready-file=" + ready);
+  if (m.kind == "gateway") argv_strings.push_back("--http-port=" + std::to_string(http_port));
   // Everything the child needs is prepared before fork: no allocation between fork and exec.
   std::vector<char*> argv;
   for (std::string& a : argv_strings) argv.push_back(a.data());
@@ -95,8 +326,9 @@ absl::Status LocalCluster::Spawn(ClusterMember& m, const std::vector<std::string
     return absl::InternalError("fork for " + m.name + ": " + std::strerror(errno));
   }
   if (pid == 0) {
-    // Own process group: a terminal's Ctrl-C reaches only `up`, which stops the children in
-    // order. PDEATHSIG: if `up` dies without stopping them (SIGKILL), they get SIGTERM.
+    // Own process group: a terminal's Ctrl-C reaches only the supervisor, which stops the
+    // children in order. PDEATHSIG: if the supervisor dies without stopping them (SIGKILL), they
+    // get SIGTERM.
     setpgid(0, 0);
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() != parent) _exit(1);
@@ -112,8 +344,9 @@ absl::Status LocalCluster::Spawn(ClusterMember& m, const std::vector<std::string
   close(log_fd);
   if (null_fd >= 0) close(null_fd);
   m.pid = pid;
-  std::fprintf(stderr, "up: started %s pid=%d log=%s\n", m.name.c_str(), static_cast<int>(pid),
-               m.log_path.c_str());
+  m.exited = false;
+  m.wait_status = 0;
+  Say("up: started " + m.name + " pid=" + std::to_string(pid) + " log=" + m.log_path);
   return absl::OkStatus();
 }
 
@@ -124,7 +357,7 @@ absl::Status LocalCluster::WaitReady(ClusterMember& m, absl::Time deadline) {
     if (options_.should_abort && options_.should_abort()) {
       return absl::CancelledError("start-up interrupted");
     }
-    if (m.grpc_port == 0 || (m.name == "gateway" && m.http_port == 0)) {
+    if (m.grpc_port == 0 || (m.kind == "gateway" && m.http_port == 0)) {
       std::ifstream in(ready);
       std::stringstream text;
       text << in.rdbuf();
@@ -135,9 +368,7 @@ absl::Status LocalCluster::WaitReady(ClusterMember& m, absl::Time deadline) {
         m.http_port = j.value("http", 0);
       }
     }
-    if (m.grpc_port != 0 &&
-        rpc::CheckHealth(options_.host + ":" + std::to_string(m.grpc_port), absl::Seconds(1))
-            .ok()) {
+    if (m.grpc_port != 0 && rpc::CheckHealth(m.grpc_address(options_.host), absl::Seconds(1)).ok()) {
       return absl::OkStatus();
     }
     if (absl::Now() > deadline) {
@@ -148,15 +379,27 @@ absl::Status LocalCluster::WaitReady(ClusterMember& m, absl::Time deadline) {
   }
 }
 
-absl::Status LocalCluster::WaitForMembership(absl::Time deadline) {
-  const ClusterMember& router = members_[0];
+uint64_t LocalCluster::RouterWorkerId(const std::string& address) {
   auto stub = expertmesh::v1::Router::NewStub(
-      rpc::MakeChannel(options_.host + ":" + std::to_string(router.grpc_port)));
+      rpc::MakeChannel(members_[0].grpc_address(options_.host)));
+  grpc::ClientContext context;
+  rpc::SetTimeout(context, kSuperviseRpcTimeout);
+  expertmesh::v1::ListMembersResponse response;
+  if (!stub->ListMembers(&context, {}, &response).ok()) return 0;
+  for (const auto& member : response.members()) {
+    if (member.address() == address) return member.worker_id();
+  }
+  return 0;
+}
+
+absl::Status LocalCluster::WaitForMembership(absl::Time deadline) {
+  auto stub =
+      expertmesh::v1::Router::NewStub(rpc::MakeChannel(members_[0].grpc_address(options_.host)));
   std::set<std::string> missing;
   while (true) {
     missing.clear();
     for (size_t i = 1; i < members_.size(); ++i) {
-      missing.insert(options_.host + ":" + std::to_string(members_[i].grpc_port));
+      missing.insert(members_[i].grpc_address(options_.host));
     }
     grpc::ClientContext context;
     rpc::SetTimeout(context, absl::Seconds(1));
@@ -172,7 +415,7 @@ absl::Status LocalCluster::WaitForMembership(absl::Time deadline) {
     absl::SleepFor(kPoll);
   }
   for (size_t i = 1; i < members_.size(); ++i) {
-    if (missing.count(options_.host + ":" + std::to_string(members_[i].grpc_port))) {
+    if (missing.count(members_[i].grpc_address(options_.host))) {
       return Failure(members_[i], "did not register with the router in time");
     }
   }
@@ -182,62 +425,71 @@ absl::Status LocalCluster::WaitForMembership(absl::Time deadline) {
 absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
     const LocalClusterOptions& options) {
   std::unique_ptr<LocalCluster> cluster(new LocalCluster(options));
-  const std::string& bin = options.bin_dir;
-  const int base = options.base_port;
-  auto port = [&](int offset) { return base == 0 ? 0 : base + offset; };
-  auto addr = [&](int p) { return options.host + ":" + std::to_string(p); };
-  struct Plan {
-    const char* name;
-    std::string binary;
-  };
-  const std::vector<Plan> plan = {
-      {"router", bin + "/router/expertmesh-router"},
-      {"kv-store", bin + "/kv-store/expertmesh-kv-store"},
-      {"attention-worker", bin + "/attention-worker/expertmesh-attention-worker"},
-      {"expert-worker-0", bin + "/expert-worker/expertmesh-expert-worker"},
-      {"expert-worker-1", bin + "/expert-worker/expertmesh-expert-worker"},
-      {"gateway", bin + "/gateway/expertmesh-gateway"},
-  };
-  for (const Plan& p : plan) {
-    ClusterMember m;
-    m.name = p.name;
-    m.binary = p.binary;
-    cluster->members_.push_back(m);
-    unlink((options.log_dir + "/" + p.name + ".ready").c_str());
-  }
-  const absl::Time deadline = absl::Now() + options.ready_timeout;
-  auto common = [&](size_t i) {
-    return std::vector<std::string>{
-        "--listen=" + addr(port(static_cast<int>(i))),
-        "--metrics-listen=" + addr(port(10 + static_cast<int>(i))),
-        "--ready-file=" + options.log_dir + "/" + cluster->members_[i].name + ".ready",
-        "--log-level=" + options.log_level};
-  };
+  // On any error below, the destructor stops what was started.
+  absl::Status status = cluster->Plan();
+  if (!status.ok()) return status;
+  std::vector<ClusterMember>& members = cluster->members_;
+  const int count = static_cast<int>(members.size());
+  const int base = cluster->options_.base_port;
+  const absl::Time deadline = absl::Now() + cluster->options_.ready_timeout;
   // The router first: the others register with it as they come up.
-  std::vector<std::string> args = common(0);
-  args.push_back("--lease-ms=" + std::to_string(options.lease_ms));
-  absl::Status status = cluster->Spawn(cluster->members_[0], args);
-  if (status.ok()) status = cluster->WaitReady(cluster->members_[0], deadline);
-  if (!status.ok()) return status;  // the destructor stops what was started
-  const std::string router = "--router=" + addr(cluster->members_[0].grpc_port);
-  const std::string model = "--model=" + options.model_dir;
-  for (size_t i = 1; i < cluster->members_.size() && status.ok(); ++i) {
-    args = common(i);
-    args.push_back(router);
-    const std::string& name = cluster->members_[i].name;
-    if (name != "kv-store") args.push_back(model);
-    if (name == "gateway") args.push_back("--http-port=" + std::to_string(options.http_port));
-    status = cluster->Spawn(cluster->members_[i], args);
+  PortLayout ports = PortsFor(base, 0, count);
+  status = cluster->Spawn(members[0], ports.grpc, ports.metrics, 0);
+  if (status.ok()) status = cluster->WaitReady(members[0], deadline);
+  if (!status.ok()) return status;
+  const std::string router = "--router=" + members[0].grpc_address(cluster->options_.host);
+  for (int i = 1; i < count && status.ok(); ++i) {
+    members[i].args.push_back(router);
+    ports = PortsFor(base, i, count);
+    status = cluster->Spawn(members[i], ports.grpc, ports.metrics, cluster->options_.http_port);
   }
-  for (size_t i = 1; i < cluster->members_.size() && status.ok(); ++i) {
-    status = cluster->WaitReady(cluster->members_[i], deadline);
+  for (int i = 1; i < count && status.ok(); ++i) {
+    status = cluster->WaitReady(members[i], deadline);
   }
   if (status.ok()) status = cluster->WaitForMembership(deadline);
   if (!status.ok()) return status;
+  cluster->WriteClusterJson();
   return cluster;
 }
 
 LocalCluster::~LocalCluster() { Stop(); }
+
+const ClusterMember* LocalCluster::Find(const std::string& name) const {
+  for (const ClusterMember& m : members_) {
+    if (m.name == name) return &m;
+  }
+  return nullptr;
+}
+
+std::string LocalCluster::router_address() const {
+  return members_.empty() ? "" : members_[0].grpc_address(options_.host);
+}
+
+std::string LocalCluster::kv_store_address() const {
+  const ClusterMember* m = Find("kv-store");
+  return m == nullptr ? "" : m->grpc_address(options_.host);
+}
+
+std::vector<std::string> LocalCluster::attention_worker_addresses() const {
+  std::vector<std::string> out;
+  for (const ClusterMember& m : members_) {
+    if (m.kind == "attention-worker") out.push_back(m.grpc_address(options_.host));
+  }
+  return out;
+}
+
+std::vector<std::string> LocalCluster::expert_worker_addresses() const {
+  std::vector<std::string> out;
+  for (const ClusterMember& m : members_) {
+    if (m.kind == "expert-worker") out.push_back(m.grpc_address(options_.host));
+  }
+  return out;
+}
+
+std::string LocalCluster::http_url() const {
+  const ClusterMember* m = Find("gateway");
+  return m == nullptr ? "" : "http://" + options_.host + ":" + std::to_string(m->http_port);
+}
 
 std::optional<ClusterMember> LocalCluster::ReapExited() {
   for (ClusterMember& m : members_) {
@@ -246,10 +498,89 @@ std::optional<ClusterMember> LocalCluster::ReapExited() {
   return std::nullopt;
 }
 
+absl::Status LocalCluster::HandleDeath(ClusterMember& m) {
+  const std::string what = "(pid " + std::to_string(m.pid) + ") stopped unexpectedly (" +
+                           Describe(m.wait_status) + ")";
+  if (!options_.restart_on_failure) return Failure(m, what);
+  const absl::Time now = absl::Now();
+  while (!m.recent_deaths.empty() && now - m.recent_deaths.front() > kRestartWindow) {
+    m.recent_deaths.pop_front();
+  }
+  m.recent_deaths.push_back(now);
+  const int deaths = static_cast<int>(m.recent_deaths.size());
+  if (deaths > options_.max_restarts_per_minute) {
+    return absl::ResourceExhaustedError(
+        m.name + " " + what + ", its " + std::to_string(deaths) +
+        "th death within a minute (at most " + std::to_string(options_.max_restarts_per_minute) +
+        " restarts a minute); giving up. Last lines of " + m.log_path + ":\n" +
+        TailFile(m.log_path, 20));
+  }
+  absl::Duration backoff = options_.restart_backoff;
+  for (int i = 1; i < deaths && backoff < options_.max_restart_backoff; ++i) backoff *= 2;
+  backoff = std::min(backoff, options_.max_restart_backoff);
+  Say("up: " + m.name + " " + what + "; restarting it in " + FormatSeconds(backoff) +
+      " (restart " + std::to_string(deaths) + " of at most " +
+      std::to_string(options_.max_restarts_per_minute) + " a minute). Last lines of " +
+      m.log_path + ":\n" + TailFile(m.log_path, 20));
+  m.state = ClusterMember::State::kWaitingToRestart;
+  m.restart_at = now + backoff;
+  m.stale_worker_id = m.kind == "router" ? 0 : RouterWorkerId(m.grpc_address(options_.host));
+  return absl::OkStatus();
+}
+
+absl::Status LocalCluster::Supervise() {
+  if (stopped_) return absl::FailedPreconditionError("the cluster is stopped");
+  for (ClusterMember& m : members_) {
+    switch (m.state) {
+      case ClusterMember::State::kRunning:
+        if (Reap(m)) {
+          if (absl::Status s = HandleDeath(m); !s.ok()) return s;
+        }
+        break;
+      case ClusterMember::State::kWaitingToRestart:
+        if (absl::Now() < m.restart_at) break;
+        // The same ports as before: the router, the workers and cluster.json readers keep the
+        // address they know.
+        if (absl::Status s = Spawn(m, m.grpc_port, m.metrics_port, m.http_port); !s.ok()) {
+          return s;
+        }
+        m.state = ClusterMember::State::kRestarting;
+        m.restart_at = absl::Now();
+        break;
+      case ClusterMember::State::kRestarting: {
+        if (Reap(m)) {
+          if (absl::Status s = HandleDeath(m); !s.ok()) return s;
+          break;
+        }
+        const std::string address = m.grpc_address(options_.host);
+        bool registered = m.kind == "router";
+        if (!registered) {
+          const uint64_t id = RouterWorkerId(address);
+          registered = id != 0 && id != m.stale_worker_id;
+        }
+        if (registered && rpc::CheckHealth(address, kSuperviseRpcTimeout).ok()) {
+          m.state = ClusterMember::State::kRunning;
+          ++m.restarts;
+          Say("up: " + m.name + " is back (pid " + std::to_string(m.pid) + ", restart " +
+              std::to_string(m.restarts) + ")");
+          WriteClusterJson();
+        } else if (absl::Now() - m.restart_at > options_.ready_timeout) {
+          return Failure(m, "(pid " + std::to_string(m.pid) +
+                                ") was restarted but did not become healthy and registered "
+                                "within " +
+                                FormatSeconds(options_.ready_timeout));
+        }
+        break;
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 void LocalCluster::SignalAndWait(const std::vector<ClusterMember*>& targets, int sig,
                                  absl::Time deadline) {
   for (ClusterMember* m : targets) {
-    if (m->pid == 0 || m->exited) continue;
+    if (m->pid == 0 || m->exited || sig == 0) continue;
     if (kill(-m->pid, sig) != 0) kill(m->pid, sig);
   }
   while (true) {
@@ -264,45 +595,104 @@ void LocalCluster::Stop() {
   if (stopped_) return;
   stopped_ = true;
   const absl::Time start = absl::Now();
-  std::vector<ClusterMember*> workers;
-  std::vector<ClusterMember*> all;
+  // Front ends first (nothing new reaches the experts), then the expert workers, which may drain
+  // with the router, then kv-store and router, which the others deregister from. Each phase ends
+  // early once its processes are gone; the deadlines only bound a hung one.
+  std::vector<ClusterMember*> front, experts, back, all;
   for (ClusterMember& m : members_) {
     all.push_back(&m);
-    if (m.name != "router") workers.push_back(&m);
+    if (m.kind == "gateway" || m.kind == "attention-worker") {
+      front.push_back(&m);
+    } else if (m.kind == "expert-worker") {
+      experts.push_back(&m);
+    } else {
+      back.push_back(&m);
+    }
   }
-  // Workers first, so that they can deregister from a router that is still there.
-  SignalAndWait(workers, SIGTERM, start + options_.stop_timeout * 0.8);
-  SignalAndWait(all, SIGTERM, start + options_.stop_timeout);
+  SignalAndWait(front, SIGTERM, start + options_.stop_timeout * 0.3);
+  SignalAndWait(experts, SIGTERM, start + options_.stop_timeout * 0.75);
+  SignalAndWait(back, SIGTERM, start + options_.stop_timeout);
+  SignalAndWait(all, 0, start + options_.stop_timeout);  // 0: only waits for the stragglers
   for (ClusterMember* m : all) {
     if (m->pid == 0 || m->exited) continue;
-    std::fprintf(stderr, "up: %s (pid %d) did not stop in time; killing it\n", m->name.c_str(),
-                 static_cast<int>(m->pid));
+    Say("up: " + m->name + " (pid " + std::to_string(m->pid) + ") did not stop in time; killing it");
     if (kill(-m->pid, SIGKILL) != 0) kill(m->pid, SIGKILL);
     waitpid(m->pid, &m->wait_status, 0);
     m->exited = true;
   }
+  if (json_written_) unlink((options_.run_dir + "/cluster.json").c_str());
+  if (temp_log_dir_) {
+    std::error_code ignored;
+    std::filesystem::remove_all(options_.log_dir, ignored);
+  }
+}
+
+std::string LocalCluster::ClusterJson() const {
+  const std::string& h = options_.host;
+  nlohmann::json services = nlohmann::json::array();
+  for (const ClusterMember& m : members_) {
+    nlohmann::json s = {
+        {"name", m.name},
+        {"kind", m.kind},
+        {"pid", static_cast<int64_t>(m.pid)},
+        {"grpc_address", m.grpc_address(h)},
+        {"metrics_url", "http://" + h + ":" + std::to_string(m.metrics_port) + "/metrics"},
+        {"log", m.log_path},
+        {"restarts", m.restarts},
+    };
+    if (m.kind == "gateway") s["http_url"] = "http://" + h + ":" + std::to_string(m.http_port);
+    services.push_back(std::move(s));
+  }
+  nlohmann::json j = {
+      {"model", options_.model_dir},
+      {"http_url", http_url()},
+      {"supervisor_pid", static_cast<int64_t>(getpid())},
+      {"services", std::move(services)},
+  };
+  return j.dump(2) + "\n";
+}
+
+void LocalCluster::WriteClusterJson() {
+  if (options_.run_dir.empty()) return;
+  const std::string path = options_.run_dir + "/cluster.json";
+  const std::string tmp = path + ".tmp." + std::to_string(getpid());
+  const std::string text = ClusterJson();
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << text;
+    out.flush();
+    if (!out) {
+      Say("up: warning: cannot write " + tmp);
+      return;
+    }
+  }
+  // Readers see the old file or the new one, never half of one.
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    Say("up: warning: cannot rename " + tmp + " to " + path + ": " + std::strerror(errno));
+    unlink(tmp.c_str());
+    return;
+  }
+  json_written_ = true;
 }
 
 std::string LocalCluster::Summary() const {
   std::string out;
   const std::string& h = options_.host;
-  for (const ClusterMember& m : members_) {
-    if (m.name == "gateway") {
-      out += "API:  http://" + h + ":" + std::to_string(m.http_port) +
-             "  (POST /v1/chat/completions, /v1/completions, /v1/messages; GET /v1/models, "
-             "/health)\n";
-    }
+  if (Find("gateway") != nullptr) {
+    out += "API:  " + http_url() +
+           "  (POST /v1/chat/completions, /v1/completions, /v1/messages; GET /v1/models, "
+           "/health)\n";
   }
   char line[512];
-  std::snprintf(line, sizeof(line), "%-18s %-8s %-22s %s\n", "service", "pid", "gRPC", "metrics");
+  std::snprintf(line, sizeof(line), "%-20s %-8s %-22s %s\n", "service", "pid", "gRPC", "metrics");
   out += line;
   for (const ClusterMember& m : members_) {
-    std::snprintf(line, sizeof(line), "%-18s %-8d %-22s http://%s:%d/metrics\n", m.name.c_str(),
-                  static_cast<int>(m.pid), (h + ":" + std::to_string(m.grpc_port)).c_str(),
-                  h.c_str(), m.metrics_port);
+    std::snprintf(line, sizeof(line), "%-20s %-8d %-22s http://%s:%d/metrics\n", m.name.c_str(),
+                  static_cast<int>(m.pid), m.grpc_address(h).c_str(), h.c_str(), m.metrics_port);
     out += line;
   }
   out += "model: " + options_.model_dir + "\nlogs:  " + options_.log_dir + "/<service>.log\n";
+  if (!options_.run_dir.empty()) out += "state: " + options_.run_dir + "/cluster.json\n";
   return out;
 }
 

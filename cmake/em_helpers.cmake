@@ -30,7 +30,8 @@ endfunction()
 
 # em_cc_test(NAME name SOURCES a_test.cc ... [DEPS libs] [TIMEOUT s] [LABELS l])
 # Builds one gtest binary (linked to DEPS, default the whole core) and registers each test case
-# with ctest. Tests find shared data and the build through the EM_* definitions.
+# with ctest. Tests find shared data and the build through the EM_* definitions. The main() is
+# em_test_main (tests/testing/test_main.cc), not gtest_main: a skipped test fails.
 function(em_cc_test)
   cmake_parse_arguments(T "" "NAME;TIMEOUT" "SOURCES;DEPS;LABELS" ${ARGN})
   add_executable(${T_NAME} ${T_SOURCES})
@@ -38,7 +39,7 @@ function(em_cc_test)
   if(NOT T_DEPS)
     set(T_DEPS expertmesh_core)
   endif()
-  target_link_libraries(${T_NAME} PRIVATE ${T_DEPS} GTest::gtest GTest::gmock GTest::gtest_main)
+  target_link_libraries(${T_NAME} PRIVATE ${T_DEPS} GTest::gtest GTest::gmock em_test_main)
   target_compile_definitions(${T_NAME} PRIVATE
     EM_SHARED_DIR="${EM_SHARED_DIR}"
     EM_SOURCE_DIR="${CMAKE_SOURCE_DIR}"

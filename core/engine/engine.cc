@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <set>
 
@@ -10,44 +11,97 @@
 
 namespace expertmesh::engine {
 
-int32_t ArgMax(absl::Span<const float> logits) {
-  return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+namespace {
+
+// splitmix64's output function (the constants are its published ones): a bijection on 64 bits
+// whose every output bit depends on every input bit.
+uint64_t Mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
 }
 
-int32_t Sampler::Sample(absl::Span<const float> logits) {
-  if (params_.temperature <= 0.0) return ArgMax(logits);
+// Candidate tokens by decreasing logit (ties: lower id first): the first `keep` of them sorted.
+std::vector<int32_t> TopIds(absl::Span<const float> logits, int64_t keep) {
   const int64_t V = static_cast<int64_t>(logits.size());
   std::vector<int32_t> order(V);
   std::iota(order.begin(), order.end(), 0);
-  // Candidates by decreasing logit (ties: lower id first), cut by top-k.
-  int64_t keep = params_.top_k > 0 ? std::min<int64_t>(params_.top_k, V) : V;
   auto by_logit = [&](int32_t a, int32_t b) {
     return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
   };
   std::partial_sort(order.begin(), order.begin() + keep, order.end(), by_logit);
   order.resize(keep);
-  const double t = params_.temperature;
+  return order;
+}
+
+// log sum_i exp(logits[i]), in double, summed in index order.
+double LogSumExp(absl::Span<const float> logits) {
+  double mx = -std::numeric_limits<double>::infinity();
+  for (float l : logits) mx = std::max(mx, static_cast<double>(l));
+  if (!std::isfinite(mx)) return mx;
+  double sum = 0;
+  for (float l : logits) sum += std::exp(static_cast<double>(l) - mx);
+  return mx + std::log(sum);
+}
+
+}  // namespace
+
+int32_t ArgMax(absl::Span<const float> logits) {
+  return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+}
+
+double KeyedUniform(uint64_t seed, uint64_t choice_index, int64_t position) {
+  // Each key is folded in through a full mixing round, with distinct odd offsets so that
+  // (a, b, c) and its permutations land on unrelated states.
+  uint64_t h = Mix64(seed + 0x9E3779B97F4A7C15ull);
+  h = Mix64(h ^ (choice_index + 0xD1B54A32D192ED03ull));
+  h = Mix64(h ^ (static_cast<uint64_t>(position) + 0x8CB92BA72F3D8DD7ull));
+  return static_cast<double>(h >> 11) * 0x1.0p-53;
+}
+
+int32_t SampleToken(absl::Span<const float> logits, const SamplingParams& params,
+                    uint64_t choice_index, int64_t position) {
+  if (params.temperature <= 0.0) return ArgMax(logits);
+  const int64_t V = static_cast<int64_t>(logits.size());
+  int64_t keep = params.top_k > 0 ? std::min<int64_t>(params.top_k, V) : V;
+  const std::vector<int32_t> order = TopIds(logits, keep);
+  const double t = params.temperature;
   const double mx = logits[order[0]];
   std::vector<double> p(keep);
   double sum = 0;
   for (int64_t i = 0; i < keep; ++i) sum += (p[i] = std::exp((logits[order[i]] - mx) / t));
   for (double& v : p) v /= sum;
-  if (params_.top_p < 1.0) {
+  if (params.top_p < 1.0) {
     double mass = 0;
     int64_t n = 0;
-    while (n < keep && mass < params_.top_p) mass += p[n++];
+    while (n < keep && mass < params.top_p) mass += p[n++];
     keep = std::max<int64_t>(n, 1);
     p.resize(keep);
     sum = std::accumulate(p.begin(), p.end(), 0.0);
     for (double& v : p) v /= sum;
   }
-  const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
+  const double u = KeyedUniform(params.seed, choice_index, position);
   double acc = 0;
   for (int64_t i = 0; i < keep; ++i) {
     acc += p[i];
     if (u < acc) return order[i];
   }
   return order[keep - 1];
+}
+
+std::vector<std::pair<int32_t, float>> TopLogprobs(absl::Span<const float> logits, int n) {
+  const int64_t keep = std::clamp<int64_t>(n, 0, static_cast<int64_t>(logits.size()));
+  std::vector<std::pair<int32_t, float>> out;
+  if (keep == 0) return out;
+  const double lse = LogSumExp(logits);
+  for (int32_t id : TopIds(logits, keep)) {
+    out.emplace_back(id, static_cast<float>(static_cast<double>(logits[id]) - lse));
+  }
+  return out;
+}
+
+float TokenLogprob(absl::Span<const float> logits, int32_t token) {
+  return static_cast<float>(static_cast<double>(logits[token]) - LogSumExp(logits));
 }
 
 SequenceId Engine::AddSequence() { return AddSequence(model_->NewState()); }
@@ -129,7 +183,6 @@ absl::StatusOr<Generation> Generate(model::Model& model, absl::Span<const int32_
                                     int32_t stop_id) {
   using Clock = std::chrono::steady_clock;
   Engine engine(&model);
-  Sampler sampler(params);
   Generation g;
   g.prompt_tokens = static_cast<int64_t>(prompt.size());
   const SequenceId id = engine.AddSequence();
@@ -137,8 +190,10 @@ absl::StatusOr<Generation> Generate(model::Model& model, absl::Span<const int32_
   EM_ASSIGN_OR_RETURN(std::vector<float> logits, engine.Prefill(id, prompt, chunk));
   auto t1 = Clock::now();
   g.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
+  EM_ASSIGN_OR_RETURN(const model::SequenceState* state, engine.State(id));
   for (int64_t i = 0; i < max_new; ++i) {
-    const int32_t next = sampler.Sample(logits);
+    // The state's position is the number of tokens fed so far: the sampled token's position.
+    const int32_t next = SampleToken(logits, params, /*choice_index=*/0, state->position);
     g.ids.push_back(next);
     if (next == stop_id || i + 1 == max_new) break;
     const SequenceId ids[1] = {id};

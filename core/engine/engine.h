@@ -6,8 +6,8 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -23,16 +23,49 @@ struct SamplingParams {
   uint64_t seed = 0;
 };
 
-// Draws token ids from logits. Deterministic for a given seed and sequence of calls.
+// Sampling is keyed, not streamed (MODEL.md, Batch invariance): every random draw is a pure
+// function of (seed, choice index, absolute position of the token being sampled), so a token
+// comes out the same whatever else shares the batch, in whatever order sequences are sampled,
+// and after a resume or a failover.
+
+// The uniform double in [0, 1) that SampleToken draws for (seed, choice_index, position): a
+// counter-based hash (three rounds of a splitmix64-style finalizer), 53 random bits.
+double KeyedUniform(uint64_t seed, uint64_t choice_index, int64_t position);
+
+// One token from `logits` [V]: greedy (ArgMax) when p.temperature <= 0; otherwise softmax of
+// logits / temperature over the top_k most likely tokens (0 = all; ties: lower id first), cut to
+// the smallest prefix with mass >= top_p, renormalized, then inverse-CDF with
+// KeyedUniform(p.seed, choice_index, position). `position` is the absolute position the sampled
+// token will have in its sequence (the prompt's first token is position 0); choice_index tells
+// apart several choices (n > 1) of one request. REQUIRES: logits non-empty.
+int32_t SampleToken(absl::Span<const float> logits, const SamplingParams& p, uint64_t choice_index,
+                    int64_t position);
+
+// The `n` most likely tokens of the distribution softmax(logits) (the model's own, before
+// temperature / top-k / top-p) with their log-probabilities, most likely first (ties: lower id
+// first). n is clipped to [0, V]. Computed in double over the logits in index order, so the
+// result is deterministic; the values are rounded to float at the end.
+std::vector<std::pair<int32_t, float>> TopLogprobs(absl::Span<const float> logits, int n);
+
+// log softmax(logits)[token], computed as TopLogprobs does. REQUIRES: 0 <= token < V.
+float TokenLogprob(absl::Span<const float> logits, int32_t token);
+
+// Thin wrapper over SampleToken for code that keeps its params in one place.
 class Sampler {
  public:
-  explicit Sampler(SamplingParams params) : params_(params), rng_(params.seed) {}
-  // REQUIRES: logits non-empty.
-  int32_t Sample(absl::Span<const float> logits);
+  explicit Sampler(SamplingParams params) : params_(params) {}
+  // The token for absolute position `position` (see SampleToken).
+  int32_t Sample(absl::Span<const float> logits, int64_t position,
+                 uint64_t choice_index = 0) const {
+    return SampleToken(logits, params_, choice_index, position);
+  }
+  // Keyed by the number of earlier calls to this overload (position 0, 1, 2, ...): for callers
+  // that have no position. Prefer the keyed overload.
+  int32_t Sample(absl::Span<const float> logits) { return Sample(logits, calls_++); }
 
  private:
   SamplingParams params_;
-  std::mt19937_64 rng_;
+  int64_t calls_ = 0;
 };
 
 // Greedy choice: the index of the largest logit (the lowest index among equals).

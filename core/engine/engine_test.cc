@@ -2,8 +2,11 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <map>
+#include <set>
 
 #include "core/engine/score.h"
 #include "core/model/golden_contract.h"
@@ -12,37 +15,140 @@
 namespace expertmesh::engine {
 namespace {
 
+SamplingParams Params(double temperature, double top_p, int top_k, uint64_t seed) {
+  SamplingParams p;
+  p.temperature = temperature;
+  p.top_p = top_p;
+  p.top_k = top_k;
+  p.seed = seed;
+  return p;
+}
+
 TEST(Sampler, GreedyIsArgMaxWithLowerIdOnTies) {
   std::vector<float> l = {0.5f, 2.0f, -1.0f, 2.0f};
-  Sampler s({});
-  EXPECT_EQ(s.Sample(l), 1);
   EXPECT_EQ(ArgMax(l), 1);
+  for (int64_t pos : {0, 7, 1000}) EXPECT_EQ(SampleToken(l, {}, 0, pos), 1);
+  Sampler s({});
+  EXPECT_EQ(s.Sample(l, 3), 1);
 }
 
-TEST(Sampler, TopKOneAndTinyTopPAreGreedy) {
-  std::vector<float> l = {0.1f, 0.3f, 3.0f, 0.2f};
-  Sampler k1({1.0, 1.0, 1, 7});
-  Sampler p0({1.0, 1e-6, 0, 7});
-  for (int i = 0; i < 50; ++i) {
-    EXPECT_EQ(k1.Sample(l), 2);
-    EXPECT_EQ(p0.Sample(l), 2);
+TEST(Sampler, KeyedUniformIsInRangeAndSpread) {
+  double sum = 0, lo = 1, hi = 0;
+  for (int64_t pos = 0; pos < 4000; ++pos) {
+    const double u = KeyedUniform(9, 0, pos);
+    ASSERT_GE(u, 0.0);
+    ASSERT_LT(u, 1.0);
+    sum += u;
+    lo = std::min(lo, u);
+    hi = std::max(hi, u);
   }
+  EXPECT_NEAR(sum / 4000, 0.5, 0.03);
+  EXPECT_LT(lo, 0.01);
+  EXPECT_GT(hi, 0.99);
+  // Every key matters.
+  EXPECT_NE(KeyedUniform(9, 0, 5), KeyedUniform(10, 0, 5));
+  EXPECT_NE(KeyedUniform(9, 0, 5), KeyedUniform(9, 1, 5));
+  EXPECT_NE(KeyedUniform(9, 0, 5), KeyedUniform(9, 0, 6));
+  EXPECT_NE(KeyedUniform(1, 2, 3), KeyedUniform(3, 2, 1));
 }
 
-TEST(Sampler, SeededAndFollowsTheDistribution) {
+// The draw for (seed, choice, position) does not depend on what was sampled before it.
+TEST(Sampler, SameKeySameTokenInAnyCallOrder) {
+  const std::vector<float> l = {0.3f, 0.1f, 0.0f, -0.2f, 0.25f, 0.05f};
+  const SamplingParams p = Params(1.0, 1.0, 0, 77);
+  const int64_t kPositions = 300;
+  std::vector<int32_t> forward(kPositions);
+  for (int64_t pos = 0; pos < kPositions; ++pos) forward[pos] = SampleToken(l, p, 0, pos);
+  // Backwards, with draws for other choices, seeds and positions in between.
+  std::vector<int32_t> backward(kPositions);
+  for (int64_t pos = kPositions - 1; pos >= 0; --pos) {
+    SampleToken(l, p, 1, pos);
+    SampleToken(l, Params(1.0, 1.0, 0, 78), 0, pos + 1);
+    backward[pos] = SampleToken(l, p, 0, pos);
+  }
+  EXPECT_EQ(forward, backward);
+  // The wrapper's keyed overload is the same function.
+  Sampler s(p);
+  for (int64_t pos : {299, 0, 150}) EXPECT_EQ(s.Sample(l, pos), forward[pos]);
+  // Not a constant: several tokens occur.
+  std::set<int32_t> seen(forward.begin(), forward.end());
+  EXPECT_GE(seen.size(), 4u);
+}
+
+TEST(Sampler, PositionsGiveIndependentUniformDraws) {
+  const std::vector<float> l = {1.0f, 1.0f, 1.0f, 1.0f};  // uniform over 4 tokens
+  const SamplingParams p = Params(0.7, 1.0, 0, 12345);
+  const int kDraws = 2000;
+  std::map<int32_t, int> counts;
+  int same_as_choice1 = 0, same_as_next = 0;
+  for (int64_t pos = 0; pos < kDraws; ++pos) {
+    const int32_t t = SampleToken(l, p, 0, pos);
+    counts[t]++;
+    same_as_choice1 += t == SampleToken(l, p, 1, pos);
+    same_as_next += t == SampleToken(l, p, 0, pos + 1);
+  }
+  ASSERT_EQ(counts.size(), 4u);
+  for (const auto& [token, c] : counts) {
+    EXPECT_GE(c, 375) << token;  // 500 expected; 25% margin
+    EXPECT_LE(c, 625) << token;
+  }
+  // Independent 4-way draws agree a quarter of the time (500 of 2000).
+  EXPECT_NEAR(same_as_choice1, 500, 125);
+  EXPECT_NEAR(same_as_next, 500, 125);
+}
+
+TEST(Sampler, FollowsTheDistribution) {
   std::vector<float> l = {0.0f, std::log(3.0f), -100.0f};  // p ~ 1/4, 3/4, 0
-  Sampler a({1.0, 1.0, 0, 42}), b({1.0, 1.0, 0, 42});
   std::map<int, int> counts;
-  for (int i = 0; i < 4000; ++i) {
-    int32_t x = a.Sample(l);
-    EXPECT_EQ(x, b.Sample(l));
-    counts[x]++;
-  }
+  for (int64_t pos = 0; pos < 4000; ++pos)
+    counts[SampleToken(l, Params(1.0, 1.0, 0, 42), 0, pos)]++;
   EXPECT_EQ(counts[2], 0);
   EXPECT_NEAR(counts[1] / 4000.0, 0.75, 0.04);
-  // top_p = 0.5 keeps only the most likely token.
-  Sampler c({1.0, 0.5, 0, 1});
-  for (int i = 0; i < 20; ++i) EXPECT_EQ(c.Sample(l), 1);
+}
+
+TEST(Sampler, TopKAndTopPRestrictTheSupport) {
+  const std::vector<float> l = {2.0f, 3.0f, 1.0f, 2.5f, 0.0f};  // order by logit: 1, 3, 0, 2, 4
+  auto support = [&](const SamplingParams& p) {
+    std::set<int32_t> s;
+    for (int64_t pos = 0; pos < 2000; ++pos) s.insert(SampleToken(l, p, 0, pos));
+    return s;
+  };
+  EXPECT_EQ(support(Params(1.0, 1.0, 0, 3)), (std::set<int32_t>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(support(Params(1.0, 1.0, 2, 3)), (std::set<int32_t>{1, 3}));
+  EXPECT_EQ(support(Params(1.0, 1.0, 1, 3)), (std::set<int32_t>{1}));
+  EXPECT_EQ(support(Params(1.0, 1e-6, 0, 3)), (std::set<int32_t>{1}));
+  // Probabilities at temperature 1: about 0.49, 0.30, 0.18, 0.07, 0.02 (ids 1, 3, 0, 2, 4).
+  EXPECT_EQ(support(Params(1.0, 0.7, 0, 3)), (std::set<int32_t>{1, 3}));
+  EXPECT_EQ(support(Params(1.0, 0.9, 0, 3)), (std::set<int32_t>{0, 1, 3}));
+  // top-k first, then top-p within the k kept (renormalized: 0.62, 0.38).
+  EXPECT_EQ(support(Params(1.0, 0.6, 2, 3)), (std::set<int32_t>{1}));
+  EXPECT_EQ(support(Params(1.0, 0.7, 2, 3)), (std::set<int32_t>{1, 3}));
+}
+
+TEST(Logprobs, TopLogprobsAndTokenLogprob) {
+  const std::vector<float> l = {1.0f, 3.0f, -2.0f, 3.0f, 0.5f};
+  double z = 0;
+  for (float v : l) z += std::exp(static_cast<double>(v));
+  const auto top = TopLogprobs(l, 3);
+  ASSERT_EQ(top.size(), 3u);
+  // Most likely first, equal logits by lower id.
+  EXPECT_EQ(top[0].first, 1);
+  EXPECT_EQ(top[1].first, 3);
+  EXPECT_EQ(top[2].first, 0);
+  for (const auto& [id, lp] : top) {
+    EXPECT_NEAR(lp, std::log(std::exp(static_cast<double>(l[id])) / z), 1e-6) << id;
+    EXPECT_EQ(lp, TokenLogprob(l, id)) << id;
+  }
+  EXPECT_TRUE(TopLogprobs(l, 0).empty());
+  const auto all = TopLogprobs(l, 100);
+  ASSERT_EQ(all.size(), l.size());
+  double mass = 0;
+  for (const auto& e : all) mass += std::exp(static_cast<double>(e.second));
+  EXPECT_NEAR(mass, 1.0, 1e-6);
+  EXPECT_EQ(all.back().first, 2);
+  // Large logits do not overflow.
+  const std::vector<float> big = {1000.0f, 1000.0f};
+  EXPECT_NEAR(TokenLogprob(big, 0), -std::log(2.0), 1e-6);
 }
 
 // The engine's batched decode (two sequences at different positions in one step) against the
@@ -108,6 +214,33 @@ TEST(Engine, GenerateGreedyIsDeterministic) {
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_EQ(a->ids.size(), 6u);
   EXPECT_EQ(a->ids, b->ids);
+}
+
+// Generate samples the token at absolute position prompt + i with choice index 0: the same tokens
+// as sampling the engine's logits by hand, and the same whatever chunking the prefill used.
+TEST(Engine, GenerateSamplesByPosition) {
+  auto m = model::Model::Load(model::testing::GoldenDir("tiny-a"));
+  ASSERT_TRUE(m.ok()) << m.status();
+  const std::vector<int32_t> prompt = {5, 17, 300, 2, 9};
+  const SamplingParams p = Params(1.5, 0.95, 50, 2026);
+  auto a = Generate(**m, prompt, 5, p, 0);
+  auto b = Generate(**m, prompt, 5, p, 2);
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_EQ(a->ids.size(), 5u);
+  EXPECT_EQ(a->ids, b->ids);
+  Engine e(m->get());
+  const SequenceId id = e.AddSequence();
+  auto logits = e.Prefill(id, prompt);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  std::vector<int32_t> want;
+  for (int64_t i = 0; i < 5; ++i) {
+    want.push_back(SampleToken(*logits, p, 0, static_cast<int64_t>(prompt.size()) + i));
+    const SequenceId ids[1] = {id};
+    const int32_t toks[1] = {want.back()};
+    logits = e.Decode(ids, toks);
+    ASSERT_TRUE(logits.ok()) << logits.status();
+  }
+  EXPECT_EQ(a->ids, want);
 }
 
 // `expertmesh score`'s core: the written file holds logits and mtp_logits in the golden layout.

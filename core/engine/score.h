@@ -18,6 +18,8 @@ struct ScoreOptions {
   int64_t prefill = 0;  // N: tokens in the prefill (0 < N <= tokens)
   int64_t chunk = 0;    // prefill chunk size (0 = one piece; the result is the same)
   bool mtp = false;     // also compute mtp_logits [batch, N-1, V]
+  // Run all sequences in every forward pass (one batch) instead of one after another.
+  bool batch_sequences = false;
   // Progress lines (e.g. to stderr); may be empty.
   std::function<void(const std::string&)> progress;
 };

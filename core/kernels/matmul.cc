@@ -65,6 +65,7 @@ KernelTarget DefaultTarget() {
 }
 
 std::atomic<int> g_forced{-1};
+std::atomic<bool> g_legacy{false};
 
 KernelTarget CurrentTarget() {
   const int forced = g_forced.load(std::memory_order_relaxed);
@@ -90,7 +91,7 @@ internal::PreparedX PrepareX(const WeightMatrix& w, const float* x, int64_t n,
                              std::vector<float>& buf) {
   const int64_t cols = w.cols;
   const bool fp4 = w.format == WeightFormat::kFP4E2M1;
-  if (!fp4 && cols % 32 == 0) return {x, cols, n};
+  if (!fp4 && cols % 32 == 0) return {x, cols, n, false};
   const int64_t stride = (cols + 31) / 32 * 32;
   buf.assign(static_cast<size_t>(n * stride), 0.0f);
   for (int64_t i = 0; i < n; ++i) {
@@ -107,7 +108,7 @@ internal::PreparedX PrepareX(const WeightMatrix& w, const float* x, int64_t n,
       }
     }
   }
-  return {buf.data(), stride, n};
+  return {buf.data(), stride, n, false};
 }
 
 struct MatMulJob {
@@ -172,6 +173,15 @@ bool ForceKernelTargetForTest(KernelTarget target) {
 
 void ResetKernelTargetForTest() { g_forced.store(-1, std::memory_order_relaxed); }
 
+void SetKernelVariantForBench(KernelVariant variant) {
+  g_legacy.store(variant == KernelVariant::kLegacy, std::memory_order_relaxed);
+}
+
+KernelVariant KernelVariantForBench() {
+  return g_legacy.load(std::memory_order_relaxed) ? KernelVariant::kLegacy
+                                                  : KernelVariant::kInvariant;
+}
+
 void MatMul(const WeightMatrix& w, const float* x, int64_t n, float* y) {
   if (n <= 0 || w.rows <= 0) return;
   if (w.cols <= 0) {
@@ -182,9 +192,10 @@ void MatMul(const WeightMatrix& w, const float* x, int64_t n, float* y) {
   if (!internal::SimdHandles(w)) target = KernelTarget::kGeneric;
 
   thread_local std::vector<float> x_buf;
-  const internal::PreparedX px = target == KernelTarget::kGeneric
-                                     ? internal::PreparedX{x, w.cols, n}
-                                     : PrepareX(w, x, n, x_buf);
+  internal::PreparedX px = target == KernelTarget::kGeneric
+                               ? internal::PreparedX{x, w.cols, n, false}
+                               : PrepareX(w, x, n, x_buf);
+  px.legacy_fp8_gemv = g_legacy.load(std::memory_order_relaxed);
 
   MatMulJob job{KernelFor(target), &w, px, y, (w.rows + kRowUnit - 1) / kRowUnit, 1};
   ThreadPool& pool = KernelPool();

@@ -68,6 +68,16 @@ bool ForceKernelTargetForTest(KernelTarget target);
 // Undoes ForceKernelTargetForTest.
 void ResetKernelTargetForTest();
 
+// Which FP8 GEMV MatMul runs. kInvariant (the default) applies each FP8 block scale to the decoded
+// weights before the FMA, exactly as the GEMM tile does, so an output element's bits do not
+// depend on n (MODEL.md, Batch invariance). kLegacy is the earlier kernel, which sums each scale
+// block's columns and applies the scale to the partial sum: one multiply fewer per weight vector
+// but different bits from the GEMM path. Only for benchmarks comparing the two; not
+// synchronized with MatMul calls running at the same time.
+enum class KernelVariant { kInvariant, kLegacy };
+void SetKernelVariantForBench(KernelVariant variant);
+KernelVariant KernelVariantForBench();
+
 // Number of threads (the caller included) kernels split work over. Default: the environment
 // variable EM_THREADS if set, else std::thread::hardware_concurrency(). threads <= 0 restores the
 // default. Thread-safe; kernels already running finish on the threads they started with.

@@ -16,6 +16,8 @@ struct PreparedX {
   const float* data = nullptr;
   int64_t stride = 0;
   int64_t n = 0;
+  // KernelVariant::kLegacy: the FP8 GEMV applies scales to per-block partial sums (not invariant).
+  bool legacy_fp8_gemv = false;
 };
 
 // Computes y[i * w.rows + r] for r in [row_begin, row_end) and i < x.n. `scratch` holds at

@@ -138,12 +138,16 @@ struct Kernels {
     if constexpr (F == WeightFormat::kFP4E2M1) {
       return DirectFP4Any<R, N>(w, r0, x, i0, y);
     }
+    if constexpr (F == WeightFormat::kFP8E4M3) {
+      if (!x.legacy_fp8_gemv) return DirectFP8Any<R, N>(w, r0, x, i0, y);
+    }
     V acc[R][N];
     for (int r = 0; r < R; ++r) {
       for (int i = 0; i < N; ++i) acc[r][i] = T::Zero();
     }
     if constexpr (F == WeightFormat::kFP8E4M3) {
-      // Sum each 2-D scale block's columns first, then apply its scale once per row.
+      // KernelVariant::kLegacy: sum each 2-D scale block's columns first, then apply its scale
+      // once per row. Fewer multiplies, but not the GEMM tile's rounding.
       const int64_t bc = w.block_cols;
       const int64_t scale_cols = (w.cols + bc - 1) / bc;
       int64_t scale_row[R];  // index of each row's first scale
@@ -165,6 +169,79 @@ struct Kernels {
     for (int i = 0; i < N; ++i) {
       for (int r = 0; r < R; ++r) y[(i0 + i) * w.rows + r0 + r] = T::Sum(acc[r][i]);
     }
+  }
+
+  // The FP8 GEMV path. Per output element it performs the GEMM path's exact operation
+  // sequence (DequantizeTile + TileBlock): each 32-column step's decoded weights are multiplied
+  // by the block scale (times 2^8), then FMA'd into one vector accumulator in column order; the
+  // partial last step is decoded by DecodeTail and scaled the same way. So y does not depend on
+  // whether n took this path or the GEMM one. The scale is broadcast once per row per scale block
+  // (usually every 4 steps), not per step.
+  template <int R, int N, bool kE8M0>
+  static void DirectFP8(const WeightMatrix& w, int64_t r0, const PreparedX& x, int64_t i0,
+                        float* y) {
+    V acc[R][N];
+    for (int r = 0; r < R; ++r) {
+      for (int i = 0; i < N; ++i) acc[r][i] = T::Zero();
+    }
+    const int64_t cols = w.cols;
+    const int64_t bc = w.block_cols;
+    const int64_t scale_cols = (cols + bc - 1) / bc;
+    const uint8_t* wp[R];
+    const uint8_t* s8[R];
+    const float* s32[R];
+    for (int r = 0; r < R; ++r) {
+      wp[r] = static_cast<const uint8_t*>(w.data) + (r0 + r) * cols;
+      const int64_t index = ((r0 + r) / w.block_rows) * scale_cols;
+      s8[r] = static_cast<const uint8_t*>(w.scales) + index;
+      s32[r] = static_cast<const float*>(w.scales) + index;
+    }
+    const float* xr[N];
+    for (int i = 0; i < N; ++i) xr[i] = x.data + (i0 + i) * x.stride;
+    const int64_t full = cols / 32 * 32;  // columns covered by whole 32-column steps
+    for (int64_t g = 0, kb = 0; kb < cols; ++g, kb += bc) {
+      V s[R];
+      for (int r = 0; r < R; ++r) {
+        s[r] = T::Set1((kE8M0 ? E8M0Value(s8[r][g]) : s32[r][g]) * kFP8Unscale);
+      }
+      const int64_t kend = MinI(kb + bc, full);
+      for (int64_t k = kb; k < kend; k += 32) {
+        V xv[N][kVecs];
+        for (int i = 0; i < N; ++i) {
+          for (int j = 0; j < kVecs; ++j) xv[i][j] = T::Load(xr[i] + k + j * T::kLanes);
+        }
+        for (int r = 0; r < R; ++r) {
+          V wv[kVecs];
+          T::FP8x32(wp[r] + k, wv);
+          for (int j = 0; j < kVecs; ++j) wv[j] = T::Mul(wv[j], s[r]);
+          for (int i = 0; i < N; ++i) {
+            for (int j = 0; j < kVecs; ++j) acc[r][i] = T::Fma(wv[j], xv[i][j], acc[r][i]);
+          }
+        }
+      }
+      if (kb + bc >= cols && full < cols) {
+        alignas(64) float buf[32];
+        for (int r = 0; r < R; ++r) {
+          DecodeTail<WeightFormat::kFP8E4M3>(w, r0 + r, full, cols, buf);
+          for (int i = 0; i < N; ++i) {
+            for (int j = 0; j < kVecs; ++j) {
+              acc[r][i] = T::Fma(T::Mul(T::Load(buf + j * T::kLanes), s[r]),
+                                 T::Load(xr[i] + full + j * T::kLanes), acc[r][i]);
+            }
+          }
+        }
+      }
+    }
+    for (int i = 0; i < N; ++i) {
+      for (int r = 0; r < R; ++r) y[(i0 + i) * w.rows + r0 + r] = T::Sum(acc[r][i]);
+    }
+  }
+
+  template <int R, int N>
+  static void DirectFP8Any(const WeightMatrix& w, int64_t r0, const PreparedX& x, int64_t i0,
+                           float* y) {
+    if (w.scale_format == ScaleFormat::kE8M0) return DirectFP8<R, N, true>(w, r0, x, i0, y);
+    DirectFP8<R, N, false>(w, r0, x, i0, y);
   }
 
   // The FP4 GEMV path: per-row data and scale pointers hoisted, the scale format a template

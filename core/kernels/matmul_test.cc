@@ -394,6 +394,117 @@ TEST_F(TargetTest, NaNCodesAndScalesPropagate) {
   }
 }
 
+// ---------- batch invariance (MODEL.md): y[i][r] depends on x row i and W only ----------
+
+struct FormatCase {
+  WeightFormat format;
+  ScaleFormat scale;
+};
+constexpr FormatCase kAllFormats[] = {
+    {WeightFormat::kF32, ScaleFormat::kNone},     {WeightFormat::kBF16, ScaleFormat::kNone},
+    {WeightFormat::kFP8E4M3, ScaleFormat::kE8M0}, {WeightFormat::kFP8E4M3, ScaleFormat::kF32},
+    {WeightFormat::kFP4E2M1, ScaleFormat::kE8M0}, {WeightFormat::kFP4E2M1, ScaleFormat::kF32}};
+
+class BatchInvarianceTest : public TargetTest {
+ protected:
+  void TearDown() override {
+    SetKernelVariantForBench(KernelVariant::kInvariant);
+    TargetTest::TearDown();
+  }
+
+  // The pool row that sits at batch position i of a batch of n: a different row at each
+  // position for each n, so every row is seen at many positions and beside many neighbours.
+  static int64_t PoolRow(int64_t i, int64_t n, int64_t pool) { return (3 * i + n) % pool; }
+
+  // Number of output elements of MatMul(w, batch of n) that are not bit-identical to the same
+  // row's n = 1 product, over n = 1..max_n and kernel threads 1 and 2, on the active target.
+  // Reports the first few differences when `report`.
+  int64_t CountVariantBits(const WeightMatrix& w, const std::vector<float>& pool, int64_t max_n,
+                           bool report) {
+    const int64_t pool_rows = static_cast<int64_t>(pool.size()) / w.cols;
+    SetKernelThreads(1);
+    std::vector<float> single(pool_rows * w.rows);
+    for (int64_t p = 0; p < pool_rows; ++p) {
+      MatMul(w, pool.data() + p * w.cols, 1, single.data() + p * w.rows);
+    }
+    int64_t diffs = 0;
+    for (int threads : {1, 2}) {
+      SetKernelThreads(threads);
+      for (int64_t n = 1; n <= max_n; ++n) {
+        std::vector<float> x(n * w.cols);
+        for (int64_t i = 0; i < n; ++i) {
+          std::memcpy(x.data() + i * w.cols, pool.data() + PoolRow(i, n, pool_rows) * w.cols,
+                      w.cols * sizeof(float));
+        }
+        std::vector<float> y(n * w.rows, -12345.0f);
+        MatMul(w, x.data(), n, y.data());
+        for (int64_t i = 0; i < n; ++i) {
+          const float* want = single.data() + PoolRow(i, n, pool_rows) * w.rows;
+          const float* got = y.data() + i * w.rows;
+          if (std::memcmp(got, want, w.rows * sizeof(float)) == 0) continue;
+          for (int64_t r = 0; r < w.rows; ++r) {
+            if (std::memcmp(got + r, want + r, sizeof(float)) == 0) continue;
+            if (report && diffs < 5) {
+              ADD_FAILURE() << Describe(ActiveKernelTarget(), w, n) << " threads=" << threads
+                            << " i=" << i << " r=" << r << ": got " << got[r] << " want (n=1) "
+                            << want[r];
+            }
+            ++diffs;
+          }
+        }
+      }
+    }
+    return diffs;
+  }
+};
+
+TEST_F(BatchInvarianceTest, EveryFormatTargetBatchSizeAndThreadCount) {
+  std::mt19937 rng(2024);
+  struct Shape {
+    int64_t rows, cols, fp4_cols, block_rows, block_cols;
+  };
+  // Row counts that are not multiples of the GEMV (4) or GEMM (4 / 8) row blocking, columns with
+  // a partial last 32-column step (FP4 needs whole groups), more columns than one 512-column GEMM
+  // tile, FP8 blocks that straddle tiles, and one product large enough to be split over 2 threads.
+  const Shape kShapes[] = {{37, 300, 320, 16, 64},
+                           {133, 1100, 1088, 128, 128},
+                           {42, 1100, 1088, 32, 96},
+                           {3, 40, 32, 1, 32}};
+  for (const FormatCase& c : kAllFormats) {
+    for (const Shape& s : kShapes) {
+      const int64_t cols = c.format == WeightFormat::kFP4E2M1 ? s.fp4_cols : s.cols;
+      const TestMatrix m =
+          MakeMatrix(c.format, c.scale, s.rows, cols, rng, s.block_rows, s.block_cols);
+      const std::vector<float> pool = RandomVector(7 * cols, rng);
+      for (KernelTarget t : SupportedKernelTargets()) {
+        ASSERT_TRUE(ForceKernelTargetForTest(t));
+        EXPECT_EQ(CountVariantBits(m.w, pool, 40, /*report=*/true), 0)
+            << Describe(t, m.w, 40) << " block " << s.block_rows << "x" << s.block_cols;
+      }
+    }
+  }
+}
+
+// The check above can fail: the legacy FP8 GEMV (scale applied to per-block partial sums) gives
+// other bits than the GEMM path for the same rows, so it is caught on every SIMD target.
+TEST_F(BatchInvarianceTest, DetectsTheLegacyFP8Gemv) {
+  std::mt19937 rng(31);
+  const TestMatrix m = MakeMatrix(WeightFormat::kFP8E4M3, ScaleFormat::kF32, 64, 1024, rng);
+  const std::vector<float> pool = RandomVector(5 * 1024, rng);
+  SetKernelVariantForBench(KernelVariant::kLegacy);
+  EXPECT_EQ(KernelVariantForBench(), KernelVariant::kLegacy);
+  for (KernelTarget t : SupportedKernelTargets()) {
+    if (t == KernelTarget::kGeneric) continue;  // one code path for every n
+    ASSERT_TRUE(ForceKernelTargetForTest(t));
+    EXPECT_GT(CountVariantBits(m.w, pool, 6, /*report=*/false), 0) << KernelTargetName(t);
+  }
+  SetKernelVariantForBench(KernelVariant::kInvariant);
+  for (KernelTarget t : SupportedKernelTargets()) {
+    ASSERT_TRUE(ForceKernelTargetForTest(t));
+    EXPECT_EQ(CountVariantBits(m.w, pool, 6, /*report=*/true), 0) << KernelTargetName(t);
+  }
+}
+
 TEST(KernelTargetTest, NamesAndForcing) {
   const std::vector<KernelTarget> targets = SupportedKernelTargets();
   ASSERT_FALSE(targets.empty());

@@ -4,11 +4,16 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <string>
 
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "core/base/mapped_file.h"
 #include "core/model/test_util.h"
 #include "gmock/gmock.h"
@@ -432,9 +437,34 @@ TEST(CheckpointShardTest, SubsetLoadOpensOnlyTheNeededShard) {
               ElementsAre("model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors"));
 }
 
+// Pages of [addr, addr + len) present in this process's page table, from /proc/self/pagemap
+// (bit 63 of each page's entry; readable without privileges, which only hides the frame
+// numbers). This is what the process mapped, whatever the file system keeps cached.
+absl::StatusOr<size_t> MappedBytes(const void* addr, size_t len) {
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t first = reinterpret_cast<uintptr_t>(addr) / page;
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(addr) + len + page - 1) / page;
+  int fd = ::open("/proc/self/pagemap", O_RDONLY);
+  if (fd < 0) return absl::ErrnoToStatus(errno, "open /proc/self/pagemap");
+  std::vector<uint64_t> entries(last - first);
+  const ssize_t want = static_cast<ssize_t>(entries.size() * sizeof(uint64_t));
+  const ssize_t got = ::pread(fd, entries.data(), want, static_cast<off_t>(first * 8));
+  const int err = errno;
+  ::close(fd);
+  if (got != want) return absl::ErrnoToStatus(got < 0 ? err : EIO, "read /proc/self/pagemap");
+  size_t n = 0;
+  for (uint64_t e : entries) n += (e >> 63) & 1;
+  return n * page;
+}
+
 // Within one mapped file, loading one tensor brings only its pages into memory, even with the
-// kernel's multi-MB readahead. The file is evicted from the page cache first, then mincore()
-// shows which pages became resident.
+// kernel's multi-MB readahead. Two measures, each asserted where it works:
+// - mapped (pagemap): pages this process's page table holds, i.e. what the loader touched plus
+//   the kernel's fault-around; independent of the file system.
+// - cached (mincore): pages in the page cache, which is where readahead would show. Only
+//   meaningful when the file can be evicted first: on tmpfs the page cache is the file's storage
+//   and posix_fadvise(DONTNEED) keeps it, and some overlay/FUSE mounts ignore the advice too. There
+//   the cache measure is dropped (and the reason printed), never skipped or faked.
 TEST(CheckpointPagesTest, LoadingOneTensorTouchesOnlyItsPages) {
   ScratchDir dir;
   WriteRaw(dir / "config.json", GoldenConfigText());
@@ -451,12 +481,13 @@ TEST(CheckpointPagesTest, LoadingOneTensorTouchesOnlyItsPages) {
   const std::string path = dir / "model.safetensors";
   ASSERT_TRUE(w.WriteFile(path).ok());
   const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  bool evicted = false;
   {
     // Evict the file, then check on a private mapping (mincore touches nothing) that it worked.
     int fd = ::open(path.c_str(), O_RDONLY);
     ASSERT_GE(fd, 0);
     ASSERT_EQ(::fdatasync(fd), 0);
-    ASSERT_EQ(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+    const int advice = ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
     const size_t size = static_cast<size_t>(std::filesystem::file_size(path));
     void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
     ASSERT_NE(map, MAP_FAILED);
@@ -466,14 +497,18 @@ TEST(CheckpointPagesTest, LoadingOneTensorTouchesOnlyItsPages) {
     for (unsigned char x : vec) cached += x & 1;
     ::munmap(map, size);
     ::close(fd);
-    if (cached > 4) {
-      GTEST_SKIP() << "this file system keeps evicted pages cached (" << cached
-                   << " pages); CheckpointShardTest still covers subset loading";
+    evicted = advice == 0 && cached <= 4;
+    if (!evicted) {
+      std::printf(
+          "[page cache] %s cannot be evicted here (posix_fadvise: %s, %zu of %zu pages still "
+          "cached, e.g. tmpfs): the readahead (mincore) checks are dropped, the mapped-page "
+          "(pagemap) checks still hold\n",
+          path.c_str(), advice == 0 ? "ok" : std::strerror(advice), cached, vec.size());
     }
   }
   auto c = Checkpoint::Open(dir.path());
   ASSERT_TRUE(c.ok()) << c.status();
-  auto resident_in = [&](const TensorView& v) {
+  auto cached_in = [&](const TensorView& v) {
     const uintptr_t b = reinterpret_cast<uintptr_t>(v.data) / page * page;
     const uintptr_t e = reinterpret_cast<uintptr_t>(v.data) + v.nbytes;
     std::vector<unsigned char> vec((e - b + page - 1) / page);
@@ -482,15 +517,25 @@ TEST(CheckpointPagesTest, LoadingOneTensorTouchesOnlyItsPages) {
     for (unsigned char x : vec) n += x & 1;
     return n * page;
   };
-  auto resident_except = [&](int skip) {
+  auto mapped_in = [&](const TensorView& v) -> size_t {
+    auto n = MappedBytes(v.data, v.nbytes);
+    EXPECT_TRUE(n.ok()) << n.status();
+    return n.ok() ? *n : SIZE_MAX / (2 * kTensors);
+  };
+  // Bytes of every tensor but `skip`, by one of the measures.
+  auto others = [&](int skip, auto measure) {
     size_t n = 0;
     for (int e = 0; e < kTensors; ++e) {
-      if (e != skip) n += resident_in(*(*c)->Get(absl::StrCat("blob.", e, ".weight")));
+      if (e != skip) n += measure(*(*c)->Get(absl::StrCat("blob.", e, ".weight")));
     }
     return n;
   };
+  // At most the pages shared with the neighbours at both ends (fault-around maps cached pages
+  // only, 64 KiB by default), never the other 60 MiB.
+  constexpr size_t kSlack = 2 * 64 * 1024;
   // Opening read the header only.
-  EXPECT_LE(resident_except(-1), 2 * 64 * 1024u) << "resident after Open";
+  EXPECT_LE(others(-1, mapped_in), kSlack) << "mapped after Open";
+  if (evicted) EXPECT_LE(others(-1, cached_in), kSlack) << "cached after Open";
   auto m = (*c)->GetMatrix("blob.9.weight", kRows, kCols);
   ASSERT_TRUE(m.ok()) << m.status();
   const uint8_t* p = static_cast<const uint8_t*>(m->data);
@@ -498,10 +543,12 @@ TEST(CheckpointPagesTest, LoadingOneTensorTouchesOnlyItsPages) {
   for (size_t i = 0; i < kBytes; i += 64) sum += p[i];
   EXPECT_EQ(sum, (kBytes / 64) * 10);
   auto target = (*c)->Get("blob.9.weight");
-  EXPECT_GE(resident_in(*target), kBytes);
-  // At most the pages shared with the neighbours at both ends (fault-around maps cached pages
-  // only), never the other 60 MiB.
-  EXPECT_LE(resident_except(9), 2 * 64 * 1024u) << "other tensors' resident bytes";
+  ASSERT_TRUE(target.ok()) << target.status();
+  // The measures can see what they should: the tensor read is mapped (and cached) in full.
+  EXPECT_GE(mapped_in(*target), kBytes);
+  EXPECT_GE(cached_in(*target), kBytes);
+  EXPECT_LE(others(9, mapped_in), kSlack) << "other tensors' mapped bytes";
+  if (evicted) EXPECT_LE(others(9, cached_in), kSlack) << "other tensors' cached bytes";
 }
 
 }  // namespace

@@ -403,25 +403,54 @@ void Model::Attention(const BlockWeights& bw, Batch& b, const float* x, float* o
   MatMul(w.wo_b, z.data(), n, out);
 }
 
-absl::Status Model::RunBlock(const BlockWeights& w, Batch& b, std::vector<float>& X) {
+struct Model::LayerMoe {
+  HcOut h;
+  MoeStep step;
+  std::vector<float> f;
+};
+
+void Model::set_expert_executor(ExpertExecutor* executor) {
+  executor_dispatcher_ = executor ? std::make_unique<ExecutorDispatcher>(executor) : nullptr;
+  dispatcher_ = executor_dispatcher_.get();
+}
+
+absl::Status Model::StartBlock(const BlockWeights& w, Batch& b, std::vector<float>& X,
+                               LayerMoe& lm) {
   const ModelConfig& c = config_;
   const int64_t n = b.n, D = c.hidden_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  std::vector<float> f = Buf(n * D);
+  lm.f = Buf(n * D);
   {
     HcOut h = HcPre(c, w.hc_attn, X.data(), n);
     for (int64_t t = 0; t < n; ++t) RmsNorm(&h.y[t * D], w.attn_norm.data(), D, eps, &h.y[t * D]);
-    Attention(w, b, h.y.data(), f.data());
-    HcPost(c, h, f.data(), n, X.data());
+    Attention(w, b, h.y.data(), lm.f.data());
+    HcPost(c, h, lm.f.data(), n, X.data());
   }
-  {
-    HcOut h = HcPre(c, w.hc_ffn, X.data(), n);
-    for (int64_t t = 0; t < n; ++t) RmsNorm(&h.y[t * D], w.ffn_norm.data(), D, eps, &h.y[t * D]);
-    EM_RETURN_IF_ERROR(
-        RunMoe(c, w.block, w.moe, h.y.data(), b.tokens.data(), n, remote_, f.data()));
-    HcPost(c, h, f.data(), n, X.data());
+  lm.h = HcPre(c, w.hc_ffn, X.data(), n);
+  for (int64_t t = 0; t < n; ++t) {
+    RmsNorm(&lm.h.y[t * D], w.ffn_norm.data(), D, eps, &lm.h.y[t * D]);
   }
+  return StartMoe(c, w.block, w.moe, lm.h.y.data(), b.tokens.data(), n, dispatcher_, &lm.step);
+}
+
+absl::Status Model::FinishBlock(Batch& b, std::vector<float>& X, LayerMoe& lm,
+                                std::vector<absl::Status>* segment_status) {
+  std::vector<int64_t> failed_rows;
+  absl::Status failure;
+  EM_RETURN_IF_ERROR(FinishMoe(config_, lm.step, lm.f.data(),
+                               segment_status ? &failed_rows : nullptr, &failure));
+  for (int64_t row : failed_rows) {
+    absl::Status& st = (*segment_status)[b.seg_of[row]];
+    if (st.ok()) st = failure;
+  }
+  HcPost(config_, lm.h, lm.f.data(), b.n, X.data());
   return absl::OkStatus();
+}
+
+absl::Status Model::RunBlock(const BlockWeights& w, Batch& b, std::vector<float>& X) {
+  LayerMoe lm;
+  EM_RETURN_IF_ERROR(StartBlock(w, b, X, lm));
+  return FinishBlock(b, X, lm, nullptr);
 }
 
 std::vector<float> Model::Head(const HcWeights& hc, const std::vector<float>& norm, const Batch& b,
@@ -493,13 +522,78 @@ absl::Status CheckSegments(const ModelConfig& c, absl::Span<const Segment> segme
 
 }  // namespace
 
-absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const Segment> segments,
-                                                  const ForwardOptions& options) {
+struct ForwardPass::State {
+  Model* model = nullptr;
+  std::vector<Segment> segments;
+  ForwardOptions options;
+  Model::Batch b;
+  std::vector<float> X;
+  size_t layer = 0;          // next block to start (or the one waiting)
+  bool waiting = false;      // block `layer` is between StartBlock and FinishBlock
+  bool done = false;
+  bool dead = false;
+  Model::LayerMoe lm;
+  std::vector<float> logits;
+  std::vector<absl::Status> segment_status;
+};
+
+ForwardPass::ForwardPass(std::unique_ptr<State> s) : s_(std::move(s)) {}
+ForwardPass::~ForwardPass() = default;
+bool ForwardPass::done() const { return s_->done; }
+bool ForwardPass::waiting() const { return s_->waiting; }
+std::vector<float>& ForwardPass::logits() { return s_->logits; }
+const std::vector<absl::Status>& ForwardPass::segment_status() const {
+  return s_->segment_status;
+}
+
+absl::Status ForwardPass::Advance() {
+  State& s = *s_;
+  if (s.done) return absl::OkStatus();
+  if (s.dead) return absl::FailedPreconditionError("forward pass already failed");
+  Model& m = *s.model;
+  std::vector<absl::Status>* seg_status =
+      s.options.isolate_expert_failures ? &s.segment_status : nullptr;
+  auto fail = [&](absl::Status st) {
+    s.dead = true;
+    return st;
+  };
+  const auto& layers = m.weights_.layers;
+  while (true) {
+    if (s.waiting) {
+      absl::Status st = m.FinishBlock(s.b, s.X, s.lm, seg_status);
+      s.waiting = false;
+      if (!st.ok()) return fail(st);
+      if (s.options.layer_out) s.options.layer_out(layers[s.layer].block, s.X.data(), s.b.n);
+      ++s.layer;
+    }
+    if (s.layer == layers.size()) break;
+    absl::Status st = m.StartBlock(layers[s.layer], s.b, s.X, s.lm);
+    if (!st.ok()) return fail(st);
+    s.waiting = true;
+    // Yield only while something is really in flight elsewhere.
+    if (s.lm.step.pending) return absl::OkStatus();
+  }
+  for (const Segment& seg : s.segments) {
+    seg.state->position += static_cast<int64_t>(seg.tokens.size());
+  }
+  s.logits = m.Head(m.weights_.hc_head, m.weights_.norm, s.b, s.X, s.options.all_logits);
+  if (s.options.final_streams) *s.options.final_streams = std::move(s.X);
+  s.done = true;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<ForwardPass>> Model::BeginForward(
+    absl::Span<const Segment> segments, const ForwardOptions& options) {
   EM_RETURN_IF_ERROR(CheckSegments(config_, segments));
   const ModelConfig& c = config_;
   const int Hc = c.hc_mult;
   const int64_t D = c.hidden_size;
-  Batch b;
+  auto st = std::make_unique<ForwardPass::State>();
+  st->model = this;
+  st->segments.assign(segments.begin(), segments.end());
+  st->options = options;
+  st->segment_status.assign(segments.size(), absl::OkStatus());
+  Batch& b = st->b;
   for (const Segment& s : segments) {
     b.segs.push_back({s.state, b.n, static_cast<int64_t>(s.tokens.size()), s.state->position});
     for (size_t i = 0; i < s.tokens.size(); ++i) {
@@ -509,20 +603,23 @@ absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const Segment> segm
     }
     b.n += static_cast<int64_t>(s.tokens.size());
   }
-  std::vector<float> X = Buf(b.n * Hc * D);
+  std::vector<float>& X = st->X;
+  X = Buf(b.n * Hc * D);
   std::vector<float> e = Buf(D);
   for (int64_t t = 0; t < b.n; ++t) {
     kernels::DequantizeRow(weights_.embed, b.tokens[t], e.data());
     for (int j = 0; j < Hc; ++j) std::copy(e.begin(), e.end(), &X[(t * Hc + j) * D]);
   }
-  for (const BlockWeights& w : weights_.layers) {
-    EM_RETURN_IF_ERROR(RunBlock(w, b, X));
-    if (options.layer_out) options.layer_out(w.block, X.data(), b.n);
-  }
-  for (const Segment& s : segments) s.state->position += static_cast<int64_t>(s.tokens.size());
-  std::vector<float> logits = Head(weights_.hc_head, weights_.norm, b, X, options.all_logits);
-  if (options.final_streams) *options.final_streams = std::move(X);
-  return logits;
+  return std::unique_ptr<ForwardPass>(new ForwardPass(std::move(st)));
+}
+
+absl::StatusOr<std::vector<float>> Model::Forward(absl::Span<const Segment> segments,
+                                                  const ForwardOptions& options) {
+  ForwardOptions opts = options;
+  opts.isolate_expert_failures = false;
+  EM_ASSIGN_OR_RETURN(std::unique_ptr<ForwardPass> pass, BeginForward(segments, opts));
+  while (!pass->done()) EM_RETURN_IF_ERROR(pass->Advance());
+  return std::move(pass->logits());
 }
 
 absl::StatusOr<std::vector<float>> Model::ForwardMtp(int index, absl::Span<const Segment> segments,

@@ -36,6 +36,41 @@ struct ForwardOptions {
   std::vector<float>* final_streams = nullptr;
   // If set, called after each trunk layer with its output streams [N, Hc, D].
   std::function<void(int layer, const float* streams, int64_t n)> layer_out;
+  // A segment whose routed experts are unavailable (no live replica) ends with that error in
+  // ForwardPass::segment_status() while the other segments go on, exact; otherwise the whole
+  // pass fails with it. The failed segments' states are then unusable.
+  bool isolate_expert_failures = false;
+};
+
+class Model;
+
+// One forward pass over a batch of segments that stops at each layer's MoE while the routed
+// experts compute elsewhere: Advance() runs until the pass waits on remote experts, so the
+// caller can advance another pass (a micro-batch) meanwhile, ping-pong. Model::Forward is
+// BeginForward plus Advance until done. Not thread-safe; the segments' states belong to the
+// pass until it is done.
+class ForwardPass {
+ public:
+  ~ForwardPass();
+  ForwardPass(const ForwardPass&) = delete;
+  ForwardPass& operator=(const ForwardPass&) = delete;
+
+  // Waits for the pending experts (if any), then runs layers until the next remote dispatch is
+  // in flight or the pass is done. Errors: the model's; the pass is then dead.
+  absl::Status Advance();
+  bool done() const;
+  // True while remote experts are in flight (the next Advance waits for them).
+  bool waiting() const;
+  // Logits as Forward returns them; valid once done.
+  std::vector<float>& logits();
+  // Per segment: OK, or the error that ended it (see isolate_expert_failures).
+  const std::vector<absl::Status>& segment_status() const;
+
+ private:
+  friend class Model;
+  struct State;
+  explicit ForwardPass(std::unique_ptr<State> s);
+  std::unique_ptr<State> s_;
 };
 
 // Thread-compatible: concurrent Forward calls must use disjoint states; the weights are shared
@@ -50,14 +85,23 @@ class Model {
   const ModelWeights& weights() const { return weights_; }
   SequenceState NewState() const { return SequenceState::Create(config_); }
 
-  // Experts not loaded locally run through `executor` (not owned; may be null).
-  void set_expert_executor(ExpertExecutor* executor) { remote_ = executor; }
+  // Experts not loaded locally run through `executor` (not owned; may be null), one expert at
+  // a time, synchronously.
+  void set_expert_executor(ExpertExecutor* executor);
+  // Experts not loaded locally run through `dispatcher` (not owned; may be null): one dispatch
+  // per layer and pass, overlapped with the shared expert. Replaces any executor.
+  void set_expert_dispatcher(ExpertDispatcher* dispatcher) { dispatcher_ = dispatcher; }
 
   // Runs the trunk over the segments' tokens and returns logits [rows, V] (see ForwardOptions).
   // Errors: InvalidArgument for a token id out of range, an empty segment or a state of another
   // shape; MoE errors. On error the states are unspecified.
   absl::StatusOr<std::vector<float>> Forward(absl::Span<const Segment> segments,
                                              const ForwardOptions& options);
+
+  // Starts a resumable forward pass (see ForwardPass); `options` is copied. Errors: as Forward's
+  // argument checks.
+  absl::StatusOr<std::unique_ptr<ForwardPass>> BeginForward(absl::Span<const Segment> segments,
+                                                            const ForwardOptions& options);
 
   // MTP block `index`: `segments` hold the NEXT tokens (token t+1 for trunk position t) and
   // advance state->mtp_position; `streams` are the trunk's final streams [N, Hc, D] for the same
@@ -69,8 +113,13 @@ class Model {
  private:
   Model(std::unique_ptr<Checkpoint> ckpt, ModelWeights weights);
 
-  struct Batch;  // per-forward token bookkeeping
+  friend class ForwardPass;
+  struct Batch;     // per-forward token bookkeeping
+  struct LayerMoe;  // one block between its MoE start and finish
   absl::Status RunBlock(const BlockWeights& w, Batch& b, std::vector<float>& X);
+  absl::Status StartBlock(const BlockWeights& w, Batch& b, std::vector<float>& X, LayerMoe& lm);
+  absl::Status FinishBlock(Batch& b, std::vector<float>& X, LayerMoe& lm,
+                           std::vector<absl::Status>* segment_status);
   void Attention(const BlockWeights& w, Batch& b, const float* x, float* out);
   std::vector<float> Head(const HcWeights& hc, const std::vector<float>& norm, const Batch& b,
                           const std::vector<float>& X, bool all_logits);
@@ -79,7 +128,8 @@ class Model {
   ModelConfig config_;
   ModelWeights weights_;
   Rope rope_plain_, rope_compressed_;
-  ExpertExecutor* remote_ = nullptr;
+  std::unique_ptr<ExecutorDispatcher> executor_dispatcher_;
+  ExpertDispatcher* dispatcher_ = nullptr;
 };
 
 }  // namespace expertmesh::model

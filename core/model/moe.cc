@@ -107,50 +107,161 @@ absl::StatusOr<Routing> Route(const ModelConfig& c, const MoeWeights& w, bool ha
   return r;
 }
 
-absl::Status RunMoe(const ModelConfig& c, int block, const MoeWeights& w, const float* x,
-                    const int32_t* tokens, int64_t n, ExpertExecutor* remote, float* out) {
+namespace {
+
+// The synchronous executor's dispatch, already complete when Start returns.
+class DoneExperts final : public PendingExperts {
+ public:
+  explicit DoneExperts(ExpertResults r) : r_(std::move(r)) {}
+  absl::StatusOr<ExpertResults> Wait() override { return std::move(r_); }
+
+ private:
+  ExpertResults r_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PendingExperts>> ExecutorDispatcher::Start(
+    int block, const float* x, int64_t n, int64_t D, std::vector<ExpertWorkItem> items) {
+  ExpertResults r;
+  r.outputs.resize(items.size());
+  std::vector<float> xe;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const ExpertWorkItem& it = items[i];
+    const int64_t m = static_cast<int64_t>(it.rows.size());
+    xe.resize(m * D);
+    for (int64_t j = 0; j < m; ++j) {
+      std::copy(x + it.rows[j] * D, x + (it.rows[j] + 1) * D, xe.data() + j * D);
+    }
+    r.outputs[i].resize(m * D);
+    EM_RETURN_IF_ERROR(
+        executor_->Run(block, it.expert, xe.data(), m, it.weights.data(), r.outputs[i].data()));
+  }
+  return std::unique_ptr<PendingExperts>(new DoneExperts(std::move(r)));
+}
+
+absl::Status StartMoe(const ModelConfig& c, int block, const MoeWeights& w, const float* x,
+                      const int32_t* tokens, int64_t n, ExpertDispatcher* remote, MoeStep* step) {
   const int64_t D = c.hidden_size;
   EM_ASSIGN_OR_RETURN(Routing r, Route(c, w, c.IsHashLayer(block), x, tokens, n));
-  if (w.shared) {
-    RunExpert(*w.shared, c.swiglu_limit, x, n, nullptr, out);
-  } else {
-    std::fill(out, out + n * D, 0.0f);
-  }
-  // Group tokens by expert so that each expert runs as one GEMM over its tokens.
+  step->block = block;
+  step->n = n;
+  step->items.clear();
+  step->remote_items.clear();
+  step->pending.reset();
+  // Each expert's rows in token order, so that an expert runs as one GEMM over its rows.
   const int E = c.n_routed_experts;
-  std::vector<std::vector<int64_t>> rows(E);
-  std::vector<std::vector<float>> wts(E);
+  std::vector<int> item_of(E, -1);
+  std::vector<ExpertWorkItem> by_expert(E);
   for (int64_t t = 0; t < n; ++t) {
     for (int j = 0; j < r.k; ++j) {
-      rows[r.experts[t * r.k + j]].push_back(t);
-      wts[r.experts[t * r.k + j]].push_back(r.weights[t * r.k + j]);
+      const int e = r.experts[t * r.k + j];
+      by_expert[e].rows.push_back(t);
+      by_expert[e].weights.push_back(r.weights[t * r.k + j]);
     }
   }
-  std::vector<float> xe, ye;
   for (int e = 0; e < E; ++e) {
-    const int64_t m = static_cast<int64_t>(rows[e].size());
-    if (m == 0) continue;
-    xe.resize(m * D);
-    ye.resize(m * D);
-    for (int64_t i = 0; i < m; ++i) {
-      std::copy(x + rows[e][i] * D, x + (rows[e][i] + 1) * D, xe.data() + i * D);
-    }
-    if (w.experts[e]) {
-      RunExpert(*w.experts[e], c.swiglu_limit, xe.data(), m, wts[e].data(), ye.data());
-    } else if (remote) {
-      EM_RETURN_IF_ERROR(remote->Run(block, e, xe.data(), m, wts[e].data(), ye.data()));
-    } else {
+    if (by_expert[e].rows.empty()) continue;
+    by_expert[e].expert = e;
+    step->items.push_back(std::move(by_expert[e]));
+  }
+  step->outputs.assign(step->items.size(), {});
+  std::vector<ExpertWorkItem> remote_work;
+  for (size_t i = 0; i < step->items.size(); ++i) {
+    const int e = step->items[i].expert;
+    if (w.experts[e]) continue;
+    if (remote == nullptr) {
       return absl::FailedPreconditionError("expert " + std::to_string(e) + " of block " +
                                            std::to_string(block) +
                                            " is not loaded and no expert executor is set");
     }
-    for (int64_t i = 0; i < m; ++i) {
-      float* o = out + rows[e][i] * D;
-      const float* y = ye.data() + i * D;
+    step->remote_items.push_back(i);
+    remote_work.push_back(step->items[i]);
+  }
+  // Remote experts first, so that they compute while this process does the shared expert and
+  // the local ones.
+  if (!remote_work.empty()) {
+    EM_ASSIGN_OR_RETURN(step->pending, remote->Start(block, x, n, D, std::move(remote_work)));
+  }
+  step->shared.assign(n * D, 0.0f);
+  if (w.shared) RunExpert(*w.shared, c.swiglu_limit, x, n, nullptr, step->shared.data());
+  std::vector<float> xe;
+  for (size_t i = 0; i < step->items.size(); ++i) {
+    const ExpertWorkItem& it = step->items[i];
+    if (!w.experts[it.expert]) continue;
+    const int64_t m = static_cast<int64_t>(it.rows.size());
+    xe.resize(m * D);
+    for (int64_t j = 0; j < m; ++j) {
+      std::copy(x + it.rows[j] * D, x + (it.rows[j] + 1) * D, xe.data() + j * D);
+    }
+    step->outputs[i].resize(m * D);
+    RunExpert(*w.experts[it.expert], c.swiglu_limit, xe.data(), m, it.weights.data(),
+              step->outputs[i].data());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status FinishMoe(const ModelConfig& c, MoeStep& step, float* out,
+                       std::vector<int64_t>* failed_rows, absl::Status* failure) {
+  const int64_t D = c.hidden_size, n = step.n;
+  std::vector<bool> failed_item(step.items.size(), false);
+  if (step.pending) {
+    EM_ASSIGN_OR_RETURN(ExpertResults res, step.pending->Wait());
+    step.pending.reset();
+    if (res.outputs.size() != step.remote_items.size()) {
+      return absl::InternalError("expert dispatcher returned " +
+                                 std::to_string(res.outputs.size()) + " outputs for " +
+                                 std::to_string(step.remote_items.size()) + " experts");
+    }
+    for (size_t f : res.failed_items) {
+      if (f < failed_item.size()) failed_item[step.remote_items[f]] = true;
+    }
+    if (!res.failed_items.empty()) {
+      if (failed_rows == nullptr) return res.error;
+      if (failure != nullptr) *failure = res.error;
+    }
+    for (size_t j = 0; j < step.remote_items.size(); ++j) {
+      const size_t i = step.remote_items[j];
+      if (failed_item[i]) continue;
+      const size_t want = step.items[i].rows.size() * static_cast<size_t>(D);
+      if (res.outputs[j].size() != want) {
+        return absl::InternalError("expert " + std::to_string(step.items[i].expert) +
+                                   " of block " + std::to_string(step.block) + " returned " +
+                                   std::to_string(res.outputs[j].size()) + " values, want " +
+                                   std::to_string(want));
+      }
+      step.outputs[i] = std::move(res.outputs[j]);
+    }
+  }
+  // The single process's order: shared expert, then routed experts by ascending id.
+  std::copy(step.shared.begin(), step.shared.end(), out);
+  for (size_t i = 0; i < step.items.size(); ++i) {
+    const ExpertWorkItem& it = step.items[i];
+    if (failed_item[i]) {
+      for (int64_t row : it.rows) failed_rows->push_back(row);
+      continue;
+    }
+    for (size_t m = 0; m < it.rows.size(); ++m) {
+      float* o = out + it.rows[m] * D;
+      const float* y = step.outputs[i].data() + m * D;
       for (int64_t j = 0; j < D; ++j) o[j] += y[j];
     }
   }
+  if (failed_rows != nullptr) {
+    std::sort(failed_rows->begin(), failed_rows->end());
+    failed_rows->erase(std::unique(failed_rows->begin(), failed_rows->end()), failed_rows->end());
+  }
+  (void)n;
   return absl::OkStatus();
+}
+
+absl::Status RunMoe(const ModelConfig& c, int block, const MoeWeights& w, const float* x,
+                    const int32_t* tokens, int64_t n, ExpertExecutor* remote, float* out) {
+  ExecutorDispatcher dispatcher(remote);
+  MoeStep step;
+  EM_RETURN_IF_ERROR(
+      StartMoe(c, block, w, x, tokens, n, remote ? &dispatcher : nullptr, &step));
+  return FinishMoe(c, step, out, nullptr, nullptr);
 }
 
 }  // namespace expertmesh::model

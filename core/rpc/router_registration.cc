@@ -19,6 +19,23 @@ RouterRegistration::RouterRegistration(std::string router_address,
 
 RouterRegistration::~RouterRegistration() { Stop(true); }
 
+void RouterRegistration::SetHostedExperts(std::function<HostedExperts()> hosted) {
+  absl::MutexLock lock(&mu_);
+  hosted_ = std::move(hosted);
+}
+
+void RouterRegistration::set_draining(bool draining) {
+  absl::MutexLock lock(&mu_);
+  if (draining_ == draining) return;
+  draining_ = draining;
+  wake_ = true;
+}
+
+void RouterRegistration::set_placement_version(uint64_t version) {
+  absl::MutexLock lock(&mu_);
+  used_placement_version_ = version;
+}
+
 void RouterRegistration::Start() {
   absl::MutexLock lock(&mu_);
   if (thread_.joinable() || stopping_) return;
@@ -71,20 +88,34 @@ void RouterRegistration::Loop() {
   while (true) {
     absl::Duration wait = Step();
     absl::MutexLock lock(&mu_);
-    auto stopping = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stopping_; };
-    mu_.AwaitWithTimeout(absl::Condition(&stopping), wait);
+    auto woken = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return stopping_ || wake_; };
+    mu_.AwaitWithTimeout(absl::Condition(&woken), wait);
     if (stopping_) return;
+    wake_ = false;
   }
 }
 
 absl::Duration RouterRegistration::Step() {
   State s = state();
   if (!s.registered) {
+    expertmesh::v1::RegisterWorkerRequest request = request_;
+    std::function<HostedExperts()> hosted;
+    {
+      absl::MutexLock lock(&mu_);
+      hosted = hosted_;
+    }
+    // Asked at each registration, never cached: a router that restarts must learn what is
+    // loaded now.
+    if (hosted) {
+      HostedExperts h = hosted();
+      for (auto& e : h.experts) *request.add_hosted_experts() = std::move(e);
+      request.set_hosted_placement_version(h.placement_version);
+    }
     grpc::ClientContext context;
     SetTimeout(context, kControlRpcTimeout);
     expertmesh::v1::RegisterWorkerResponse response;
     if (!BeginCall(&context)) return absl::ZeroDuration();
-    grpc::Status status = stub_->RegisterWorker(&context, request_, &response);
+    grpc::Status status = stub_->RegisterWorker(&context, request, &response);
     EndCall();
     absl::MutexLock lock(&mu_);
     if (!status.ok()) {
@@ -101,6 +132,7 @@ absl::Duration RouterRegistration::Step() {
     state_.worker_id = response.worker_id();
     state_.lease_ttl_ms = response.lease_ttl_ms();
     state_.placement_version = response.placement_version();
+    state_.drained = false;
     state_.registrations++;
     state_.last_error.clear();
     state_.last_success = absl::Now();
@@ -112,13 +144,15 @@ absl::Duration RouterRegistration::Step() {
   }
   grpc::ClientContext context;
   absl::Duration interval;
+  expertmesh::v1::HeartbeatRequest request;
   {
     absl::MutexLock lock(&mu_);
     interval = interval_;
+    request.set_draining(draining_);
+    request.set_placement_version(used_placement_version_);
   }
   // A heartbeat must not take longer than the period it protects.
   SetTimeout(context, std::min(kControlRpcTimeout, interval));
-  expertmesh::v1::HeartbeatRequest request;
   request.set_worker_id(s.worker_id);
   request.set_address(request_.address());
   expertmesh::v1::HeartbeatResponse response;
@@ -142,6 +176,7 @@ absl::Duration RouterRegistration::Step() {
   state_.last_success = absl::Now();
   state_.lease_ttl_ms = response.lease_ttl_ms();
   state_.placement_version = response.placement_version();
+  state_.drained = request.draining() && response.drained();
   interval_ = absl::Milliseconds(std::max<uint32_t>(50, response.heartbeat_interval_ms()));
   return interval_;
 }

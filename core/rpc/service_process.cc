@@ -99,16 +99,22 @@ absl::Status ServiceProcess::StartGrpc() {
 
 void ServiceProcess::StartRegistration(expertmesh::v1::WorkerKind kind,
                                        const expertmesh::v1::Capacity& capacity) {
+  StartRegistration(Membership{kind, capacity});
+}
+
+void ServiceProcess::StartRegistration(const Membership& membership) {
   if (flags_.router.empty()) return;
   expertmesh::v1::RegisterWorkerRequest request;
-  request.set_kind(kind);
+  request.set_kind(membership.kind);
   request.set_address(advertised_);
-  *request.mutable_capacity() = capacity;
+  *request.mutable_capacity() = membership.capacity;
+  request.set_kernel_target(membership.kernel_target);
   size_t colon = flags_.metrics_listen.rfind(':');
   request.set_metrics_address(flags_.metrics_listen.substr(0, colon) + ":" +
                               std::to_string(metrics_->port()));
   request.set_version(metrics::BuildVersion());
   registration_ = std::make_unique<RouterRegistration>(flags_.router, request);
+  if (membership.hosted_experts) registration_->SetHostedExperts(membership.hosted_experts);
   registration_->Start();
 }
 
@@ -143,21 +149,24 @@ int ServiceProcess::ReportStartError(const absl::Status& status) {
 }
 
 int ServiceProcess::WaitForTerminationAndShutdown(const std::function<void()>& before_shutdown) {
-  int sig = WaitForTerminationSignal();
+  int sig = 0;
+  // Polled so that RequestExit (from another thread) is seen; signals still end the wait at once.
+  while (sig == 0 && !exit_requested_.load()) sig = WaitForTerminationSignalFor(100);
   base::LogInfo("shutting down", {{"signal", sig}});
   if (before_shutdown) before_shutdown();
   Shutdown();
   return 0;
 }
 
-int ServiceProcess::ServeUntilTerminated(const std::optional<Membership>& membership) {
+int ServiceProcess::ServeUntilTerminated(const std::optional<Membership>& membership,
+                                         const std::function<void()>& on_terminate) {
   absl::Status status = StartGrpc();
   if (status.ok()) {
-    if (membership.has_value()) StartRegistration(membership->kind, membership->capacity);
+    if (membership.has_value()) StartRegistration(*membership);
     status = AnnounceReady();
   }
   if (!status.ok()) return ReportStartError(status);
-  return WaitForTerminationAndShutdown();
+  return WaitForTerminationAndShutdown(on_terminate);
 }
 
 }  // namespace expertmesh::rpc

@@ -3,6 +3,7 @@
 // that tests and `expertmesh up` poll for ports, and an orderly shutdown within a deadline.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -48,6 +49,12 @@ int ReportSetupError(std::string_view binary, const absl::Status& status);
 struct Membership {
   expertmesh::v1::WorkerKind kind;
   expertmesh::v1::Capacity capacity;
+  // RegisterWorkerRequest.kernel_target (kernels::ActiveKernelTargetName(); passed in because
+  // em_rpc does not link the kernels). Empty = not reported.
+  std::string kernel_target;
+  // Expert workers: what they hold, asked at every (re)registration (see RouterRegistration::
+  // SetHostedExperts). Null = none.
+  std::function<HostedExperts()> hosted_experts;
 };
 
 class ServiceProcess {
@@ -71,6 +78,7 @@ class ServiceProcess {
 
   // Starts membership with the router as `kind` (no-op without --router).
   void StartRegistration(expertmesh::v1::WorkerKind kind, const expertmesh::v1::Capacity& capacity);
+  void StartRegistration(const Membership& membership);
   // Null without --router.
   RouterRegistration* registration() { return registration_.get(); }
 
@@ -87,15 +95,21 @@ class ServiceProcess {
   // returns 1, the exit code for main.
   static int ReportStartError(const absl::Status& status);
 
-  // Waits for a termination signal (requires BlockTerminationSignals), logs it, runs
-  // `before_shutdown` (if any; e.g. stops an HTTP server) and then Shutdown(). Returns 0, the
-  // exit code for main.
+  // Waits for a termination signal (requires BlockTerminationSignals) or RequestExit, logs it,
+  // runs `before_shutdown` (if any; e.g. stops an HTTP server, drains an expert worker) and then
+  // Shutdown(). Returns 0, the exit code for main.
   int WaitForTerminationAndShutdown(const std::function<void()>& before_shutdown = nullptr);
 
+  // Makes WaitForTerminationAndShutdown go on as if a termination signal had come (a service
+  // that decides to leave by itself, e.g. an expert worker at the end of a Drain). Thread-safe.
+  void RequestExit() { exit_requested_.store(true); }
+
   // The rest of a service's life once its services are added: StartGrpc, StartRegistration
-  // (with `membership`, if any), AnnounceReady, then WaitForTerminationAndShutdown. Returns the
-  // exit code for main: 1 (via ReportStartError) when it cannot start, 0 after a shutdown.
-  int ServeUntilTerminated(const std::optional<Membership>& membership);
+  // (with `membership`, if any), AnnounceReady, then WaitForTerminationAndShutdown with
+  // `on_terminate` as its before_shutdown. Returns the exit code for main: 1 (via
+  // ReportStartError) when it cannot start, 0 after a shutdown.
+  int ServeUntilTerminated(const std::optional<Membership>& membership,
+                           const std::function<void()>& on_terminate = nullptr);
 
  private:
   ServiceProcess() = default;
@@ -109,6 +123,7 @@ class ServiceProcess {
   std::string advertised_;
   std::unique_ptr<RouterRegistration> registration_;
   bool shut_down_ = false;
+  std::atomic<bool> exit_requested_{false};
 };
 
 }  // namespace expertmesh::rpc

@@ -1,0 +1,483 @@
+#include "attention-worker/scheduler.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <set>
+
+#include "core/base/log.h"
+
+namespace expertmesh::attention_worker {
+
+namespace v1 = expertmesh::v1;
+
+struct Scheduler::Seq {
+  std::string id;
+  std::shared_ptr<SequenceSink> sink;
+  std::vector<int32_t> prompt;
+  engine::SamplingParams sampling;
+  std::set<int32_t> stop_ids;
+  int64_t max_new = 0;
+  bool logprobs = false;
+  int top_logprobs = 0;
+  model::SequenceState state;
+  int64_t fed = 0;                  // tokens of prompt + generated already fed to the model
+  std::vector<int32_t> generated;   // sampled tokens
+  int64_t reserved_bytes = 0;
+  bool started = false;             // first message sent
+  std::atomic<bool> cancelled{false};
+  bool finished = false;  // only the scheduler thread touches it
+  // Read by Status() from other threads.
+  std::atomic<v1::SequencePhase> phase{v1::SEQUENCE_PHASE_QUEUED};
+  std::atomic<uint32_t> generated_count{0};
+};
+
+namespace {
+
+prometheus::Histogram::BucketBoundaries TokenBuckets() {
+  return {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096};
+}
+
+prometheus::Histogram::BucketBoundaries SecondsBuckets() {
+  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+}
+
+// log p of every token (log-softmax in double, one fixed order: the same bytes for the same
+// logits).
+std::vector<double> LogSoftmax(absl::Span<const float> logits) {
+  const double mx = *std::max_element(logits.begin(), logits.end());
+  double sum = 0;
+  for (float v : logits) sum += std::exp(static_cast<double>(v) - mx);
+  const double lse = mx + std::log(sum);
+  std::vector<double> out(logits.size());
+  for (size_t i = 0; i < logits.size(); ++i) out[i] = static_cast<double>(logits[i]) - lse;
+  return out;
+}
+
+void FillLogprob(absl::Span<const float> logits, int32_t token, int top,
+                 v1::TokenLogprob* out) {
+  const std::vector<double> lp = LogSoftmax(logits);
+  out->set_token_id(static_cast<uint32_t>(token));
+  out->set_logprob(static_cast<float>(lp[token]));
+  if (top <= 0) return;
+  std::vector<int32_t> order(lp.size());
+  std::iota(order.begin(), order.end(), 0);
+  const size_t k = std::min<size_t>(static_cast<size_t>(top), order.size());
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+    return lp[a] > lp[b] || (lp[a] == lp[b] && a < b);
+  });
+  for (size_t i = 0; i < k; ++i) {
+    v1::TopLogprob* t = out->add_top();
+    t->set_token_id(static_cast<uint32_t>(order[i]));
+    t->set_logprob(static_cast<float>(lp[order[i]]));
+  }
+}
+
+uint64_t SystemSeed() {
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
+
+}  // namespace
+
+Scheduler::Scheduler(model::Model* model, SchedulerOptions options,
+                     prometheus::Registry* registry)
+    : model_(model), options_(options) {
+  if (registry != nullptr) {
+    running_gauge_ = &prometheus::BuildGauge()
+                          .Name("expertmesh_attention_running_sequences")
+                          .Help("Sequences prefilling or generating")
+                          .Register(*registry)
+                          .Add({});
+    queued_gauge_ = &prometheus::BuildGauge()
+                         .Name("expertmesh_attention_queued_sequences")
+                         .Help("Sequences waiting for admission (scheduler queue)")
+                         .Register(*registry)
+                         .Add({});
+    steps_total_ = &prometheus::BuildCounter()
+                        .Name("expertmesh_attention_steps_total")
+                        .Help("Scheduler steps (batched forward passes) run")
+                        .Register(*registry)
+                        .Add({});
+    prompt_tokens_ = &prometheus::BuildCounter()
+                          .Name("expertmesh_attention_prompt_tokens_total")
+                          .Help("Prompt tokens of admitted sequences")
+                          .Register(*registry)
+                          .Add({});
+    prefill_tokens_ = &prometheus::BuildCounter()
+                           .Name("expertmesh_attention_prefill_tokens_total")
+                           .Help("Prompt tokens actually computed by prefill")
+                           .Register(*registry)
+                           .Add({});
+    generated_tokens_ = &prometheus::BuildCounter()
+                             .Name("expertmesh_attention_generated_tokens_total")
+                             .Help("Tokens sampled and streamed")
+                             .Register(*registry)
+                             .Add({});
+    batch_tokens_ = &prometheus::BuildHistogram()
+                         .Name("expertmesh_attention_batch_tokens")
+                         .Help("Tokens per scheduler step (decode + prefill)")
+                         .Register(*registry)
+                         .Add({}, TokenBuckets());
+    step_seconds_ = &prometheus::BuildHistogram()
+                         .Name("expertmesh_attention_step_seconds")
+                         .Help("Wall time of one scheduler step")
+                         .Register(*registry)
+                         .Add({}, SecondsBuckets());
+    finished_ = &prometheus::BuildCounter()
+                     .Name("expertmesh_attention_sequences_finished_total")
+                     .Help("Sequences ended, by reason (stop, length, cancelled, error)")
+                     .Register(*registry);
+  }
+  thread_ = std::thread([this] { Loop(); });
+}
+
+Scheduler::~Scheduler() { Stop(); }
+
+int64_t Scheduler::EstimateStateBytes(int64_t tokens) const {
+  const model::ModelConfig& c = model_->config();
+  const int64_t d = c.head_dim;
+  int64_t bytes = 0;
+  for (int l = 0; l < c.NumBlocks(); ++l) {
+    const int ratio = l < static_cast<int>(c.compress_ratios.size()) ? c.compress_ratios[l] : 0;
+    bytes += std::min<int64_t>(tokens, c.sliding_window) * d * 4;
+    if (ratio > 0) {
+      bytes += tokens / ratio * d * 4 + 2 * ratio * 2 * d * 4;
+      if (ratio == 4) bytes += tokens / 4 * c.index_head_dim * 4;
+    }
+  }
+  return bytes;
+}
+
+absl::Status Scheduler::Submit(const v1::SequenceRequest& request,
+                               std::shared_ptr<SequenceSink> sink) {
+  const model::ModelConfig& c = model_->config();
+  if (request.sequence_id().empty()) {
+    return absl::InvalidArgumentError("sequence_id: must not be empty");
+  }
+  if (request.prompt_ids().empty()) {
+    return absl::InvalidArgumentError("prompt_ids: must hold at least one token");
+  }
+  for (int i = 0; i < request.prompt_ids_size(); ++i) {
+    if (request.prompt_ids(i) >= static_cast<uint32_t>(c.vocab_size)) {
+      return absl::InvalidArgumentError("prompt_ids[" + std::to_string(i) + "]: token id " +
+                                        std::to_string(request.prompt_ids(i)) +
+                                        " is out of range [0, " + std::to_string(c.vocab_size) +
+                                        ")");
+    }
+  }
+  const v1::SamplingParams& sp = request.sampling();
+  if (!(sp.temperature() >= 0.0f) || !std::isfinite(sp.temperature())) {
+    return absl::InvalidArgumentError("sampling.temperature: must be a finite number >= 0");
+  }
+  if (sp.top_p() < 0.0f || sp.top_p() > 1.0f || !std::isfinite(sp.top_p())) {
+    return absl::InvalidArgumentError("sampling.top_p: must be in [0, 1] (0 means 1)");
+  }
+  if (static_cast<int>(sp.top_logprobs()) > options_.max_top_logprobs) {
+    return absl::InvalidArgumentError("sampling.top_logprobs: at most " +
+                                      std::to_string(options_.max_top_logprobs));
+  }
+  for (uint32_t id : sp.stop_token_ids()) {
+    if (id >= static_cast<uint32_t>(c.vocab_size)) {
+      return absl::InvalidArgumentError("sampling.stop_token_ids: token id " +
+                                        std::to_string(id) + " is out of range");
+    }
+  }
+  auto s = std::make_unique<Seq>();
+  s->id = request.sequence_id();
+  s->sink = std::move(sink);
+  s->prompt.assign(request.prompt_ids().begin(), request.prompt_ids().end());
+  s->sampling.temperature = sp.temperature();
+  s->sampling.top_p = sp.top_p() > 0.0f ? sp.top_p() : 1.0;
+  s->sampling.top_k = static_cast<int>(sp.top_k());
+  s->sampling.seed = sp.has_seed() ? sp.seed() : SystemSeed();
+  s->stop_ids.insert(sp.stop_token_ids().begin(), sp.stop_token_ids().end());
+  s->max_new = sp.max_new_tokens() > 0 ? sp.max_new_tokens() : options_.default_max_new_tokens;
+  s->logprobs = sp.logprobs() || sp.top_logprobs() > 0;
+  s->top_logprobs = static_cast<int>(sp.top_logprobs());
+  s->reserved_bytes = EstimateStateBytes(static_cast<int64_t>(s->prompt.size()) + s->max_new);
+  if (s->reserved_bytes > options_.state_memory_bytes) {
+    return absl::ResourceExhaustedError(
+        "prompt_ids: " + std::to_string(s->prompt.size()) + " prompt tokens + " +
+        std::to_string(s->max_new) + " new tokens need about " +
+        std::to_string(s->reserved_bytes) + " bytes of state, more than this worker's budget (" +
+        std::to_string(options_.state_memory_bytes) + ")");
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_ || draining_.load()) {
+      return absl::UnavailableError("attention worker is draining; retry on another worker");
+    }
+    if (by_id_.count(s->id) != 0) {
+      return absl::AlreadyExistsError("sequence_id: " + s->id + " is already running");
+    }
+    by_id_[s->id] = s.get();
+    queue_.push_back(std::move(s));
+    if (queued_gauge_) queued_gauge_->Set(static_cast<double>(queue_.size()));
+  }
+  cv_.notify_all();
+  return absl::OkStatus();
+}
+
+bool Scheduler::Cancel(const std::string& sequence_id) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = by_id_.find(sequence_id);
+    if (it == by_id_.end() || it->second->cancelled.exchange(true)) return false;
+  }
+  cv_.notify_all();
+  return true;
+}
+
+void Scheduler::Drain() {
+  if (!draining_.exchange(true)) base::LogInfo("draining: no new sequences are admitted");
+}
+
+void Scheduler::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+size_t Scheduler::running() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return running_.size();
+}
+
+size_t Scheduler::queued() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return queue_.size();
+}
+
+void Scheduler::Status(v1::SequenceStatusResponse* out) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto add = [&](const Seq& s) {
+    v1::SequenceStatus* st = out->add_sequences();
+    st->set_sequence_id(s.id);
+    st->set_phase(s.phase.load());
+    st->set_prompt_tokens(static_cast<uint32_t>(s.prompt.size()));
+    st->set_generated_tokens(s.generated_count.load());
+  };
+  for (const auto& s : running_) add(*s);
+  for (const auto& s : queue_) add(*s);
+  out->set_draining(draining_.load());
+}
+
+void Scheduler::Finish(Seq& s, absl::Status status, v1::FinishReason reason,
+                       v1::SequenceTokens* last) {
+  if (s.finished) return;
+  s.finished = true;
+  s.phase = v1::SEQUENCE_PHASE_FINISHED;
+  if (finished_ != nullptr) {
+    const char* why = !status.ok()                           ? "error"
+                      : reason == v1::FINISH_REASON_STOP      ? "stop"
+                      : reason == v1::FINISH_REASON_LENGTH    ? "length"
+                      : reason == v1::FINISH_REASON_CANCELLED ? "cancelled"
+                                                              : "other";
+    finished_->Add({{"reason", why}}).Increment();
+  }
+  if (status.ok()) {
+    v1::SequenceTokens msg;
+    if (last != nullptr) msg = std::move(*last);
+    msg.set_sequence_id(s.id);
+    msg.set_finish_reason(reason);
+    s.sink->Send(std::move(msg));
+  }
+  s.sink->End(std::move(status));
+}
+
+void Scheduler::Loop() {
+  // Sinks are only called with mu_ released (a sink may call back into Cancel).
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    cv_.wait(lock, [&] { return stop_ || !queue_.empty() || !running_.empty(); });
+    if (stop_) break;
+    // Finished and cancelled sequences leave at the step boundary, freeing their state.
+    std::vector<std::unique_ptr<Seq>> leaving;
+    auto take_ended = [&](auto& list) {
+      for (auto it = list.begin(); it != list.end();) {
+        if ((*it)->finished || (*it)->cancelled.load()) {
+          if ((*it)->phase.load() != v1::SEQUENCE_PHASE_QUEUED) {
+            reserved_bytes_ -= (*it)->reserved_bytes;
+          }
+          by_id_.erase((*it)->id);
+          leaving.push_back(std::move(*it));
+          it = list.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    };
+    take_ended(running_);
+    take_ended(queue_);
+    // Admission: first come, first served, under the sequence cap and the memory budget.
+    while (!queue_.empty() &&
+           static_cast<int>(running_.size()) < options_.max_running_sequences &&
+           reserved_bytes_ + queue_.front()->reserved_bytes <= options_.state_memory_bytes) {
+      std::unique_ptr<Seq> s = std::move(queue_.front());
+      queue_.pop_front();
+      s->state = model_->NewState();
+      s->phase = v1::SEQUENCE_PHASE_PREFILL;
+      reserved_bytes_ += s->reserved_bytes;
+      if (prompt_tokens_) prompt_tokens_->Increment(static_cast<double>(s->prompt.size()));
+      running_.push_back(std::move(s));
+    }
+    if (running_gauge_) running_gauge_->Set(static_cast<double>(running_.size()));
+    if (queued_gauge_) queued_gauge_->Set(static_cast<double>(queue_.size()));
+    std::vector<Seq*> batch;
+    for (auto& s : running_) batch.push_back(s.get());
+    lock.unlock();
+    for (auto& s : leaving) {
+      if (!s->finished) {
+        v1::SequenceTokens last;
+        Finish(*s, absl::OkStatus(), v1::FINISH_REASON_CANCELLED, &last);
+      }
+    }
+    leaving.clear();
+    if (!batch.empty()) RunStep(batch);
+    lock.lock();
+  }
+  // Stopping: nothing more will run.
+  std::vector<std::unique_ptr<Seq>> left;
+  for (auto& s : running_) left.push_back(std::move(s));
+  for (auto& s : queue_) left.push_back(std::move(s));
+  running_.clear();
+  queue_.clear();
+  by_id_.clear();
+  lock.unlock();
+  for (auto& s : left) {
+    Finish(*s, absl::UnavailableError("attention worker is stopping; retry the request"),
+           v1::FINISH_REASON_UNSPECIFIED, nullptr);
+  }
+}
+
+void Scheduler::RunStep(std::vector<Seq*>& all) {
+  const auto t0 = std::chrono::steady_clock::now();
+  // Decode tokens first (latency), then prefill chunks in arrival order, within the budget.
+  struct Planned {
+    Seq* seq;
+    std::vector<int32_t> tokens;
+  };
+  std::vector<Planned> plan;
+  int64_t budget = options_.max_batch_tokens;
+  for (Seq* s : all) {
+    if (s->fed < static_cast<int64_t>(s->prompt.size())) continue;
+    plan.push_back({s, {s->generated.back()}});
+    --budget;
+  }
+  for (Seq* s : all) {
+    const int64_t left = static_cast<int64_t>(s->prompt.size()) - s->fed;
+    if (left <= 0) continue;
+    if (budget <= 0 && !plan.empty()) break;
+    const int64_t take = std::max<int64_t>(1, std::min(left, budget));
+    plan.push_back({s, std::vector<int32_t>(s->prompt.begin() + s->fed,
+                                            s->prompt.begin() + s->fed + take)});
+    budget -= take;
+  }
+  int64_t batch_tokens = 0;
+  for (const Planned& p : plan) batch_tokens += static_cast<int64_t>(p.tokens.size());
+
+  // Micro-batches: contiguous groups of about equal token counts.
+  const int groups = std::max(1, std::min<int>(options_.micro_batches,
+                                               static_cast<int>(plan.size())));
+  std::vector<std::vector<size_t>> mb(groups);
+  {
+    int64_t acc = 0;
+    for (size_t i = 0; i < plan.size(); ++i) {
+      const int g = static_cast<int>(std::min<int64_t>(groups - 1, acc * groups / batch_tokens));
+      mb[g].push_back(i);
+      acc += static_cast<int64_t>(plan[i].tokens.size());
+    }
+  }
+  struct Pass {
+    std::vector<size_t> rows;  // plan indices
+    std::unique_ptr<model::ForwardPass> pass;
+    absl::Status status;
+  };
+  std::vector<Pass> passes;
+  model::ForwardOptions fo;
+  fo.isolate_expert_failures = true;
+  for (auto& g : mb) {
+    if (g.empty()) continue;
+    Pass p;
+    p.rows = g;
+    std::vector<model::Segment> segs;
+    for (size_t i : g) segs.push_back({&plan[i].seq->state, plan[i].tokens});
+    auto begun = model_->BeginForward(segs, fo);
+    if (begun.ok()) {
+      p.pass = std::move(*begun);
+    } else {
+      p.status = begun.status();
+    }
+    passes.push_back(std::move(p));
+  }
+  // Ping-pong: each pass runs until it waits on remote experts, then the next one runs.
+  bool more = true;
+  while (more) {
+    more = false;
+    for (Pass& p : passes) {
+      if (!p.status.ok() || !p.pass || p.pass->done()) continue;
+      p.status = p.pass->Advance();
+      if (p.status.ok() && !p.pass->done()) more = true;
+    }
+  }
+  steps_.fetch_add(1);
+  if (steps_total_) steps_total_->Increment();
+  if (batch_tokens_) batch_tokens_->Observe(static_cast<double>(batch_tokens));
+
+  const int64_t V = model_->config().vocab_size;
+  for (Pass& p : passes) {
+    for (size_t j = 0; j < p.rows.size(); ++j) {
+      Planned& pl = plan[p.rows[j]];
+      Seq& s = *pl.seq;
+      absl::Status st = p.status;
+      if (st.ok() && !p.pass->segment_status()[j].ok()) st = p.pass->segment_status()[j];
+      if (!st.ok()) {
+        Finish(s, st, v1::FINISH_REASON_UNSPECIFIED, nullptr);
+        continue;
+      }
+      const bool was_prefill = s.fed < static_cast<int64_t>(s.prompt.size());
+      s.fed += static_cast<int64_t>(pl.tokens.size());
+      if (was_prefill && prefill_tokens_) {
+        prefill_tokens_->Increment(static_cast<double>(pl.tokens.size()));
+      }
+      if (s.fed < static_cast<int64_t>(s.prompt.size())) continue;  // prompt not done yet
+      if (s.cancelled.load()) continue;  // freed at the next boundary
+      s.phase = v1::SEQUENCE_PHASE_DECODE;
+      absl::Span<const float> logits(p.pass->logits().data() + j * V, V);
+      // The new token's absolute position keys its random draw.
+      const int64_t position = s.fed;
+      const int32_t token = engine::SampleToken(logits, s.sampling, 0, position);
+      s.generated.push_back(token);
+      s.generated_count.store(static_cast<uint32_t>(s.generated.size()));
+      if (generated_tokens_) generated_tokens_->Increment();
+      v1::SequenceTokens msg;
+      msg.set_sequence_id(s.id);
+      msg.add_token_ids(static_cast<uint32_t>(token));
+      if (s.logprobs) FillLogprob(logits, token, s.top_logprobs, msg.add_logprobs());
+      if (!s.started) {
+        s.started = true;
+        msg.set_seed(s.sampling.seed);
+        msg.set_prompt_tokens(static_cast<uint32_t>(s.prompt.size()));
+      }
+      if (s.stop_ids.count(token) != 0) {
+        Finish(s, absl::OkStatus(), v1::FINISH_REASON_STOP, &msg);
+      } else if (static_cast<int64_t>(s.generated.size()) >= s.max_new) {
+        Finish(s, absl::OkStatus(), v1::FINISH_REASON_LENGTH, &msg);
+      } else {
+        s.sink->Send(std::move(msg));
+      }
+    }
+  }
+  if (step_seconds_) {
+    step_seconds_->Observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+}
+
+}  // namespace expertmesh::attention_worker

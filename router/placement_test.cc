@@ -1,0 +1,1 @@
+#include "router/placement.h"
