@@ -52,16 +52,22 @@ struct Avx2 {
     }
   }
 
-  static inline void FP8x32(const uint8_t* p, V* out) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const int nan = _mm256_movemask_epi8(
-        _mm256_cmpeq_epi8(_mm256_or_si256(raw, _mm256_set1_epi8(static_cast<char>(0x80))),
-                          _mm256_set1_epi8(static_cast<char>(0xFF))));
+  // NaN codes (0x7F, 0xFF) come out as finite values: callers that cannot rule them out use
+  // FP8x32, or FP8HasNaN first.
+  static inline void FP8x32Raw(const uint8_t* p, V* out) {
     for (int j = 0; j < 4; ++j) {
       __m128i h = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * j)));
       h = _mm_and_si128(_mm_slli_epi16(h, 7), _mm_set1_epi16(static_cast<short>(0xBF80)));
       out[j] = _mm256_cvtph_ps(h);
     }
+  }
+
+  static inline void FP8x32(const uint8_t* p, V* out) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const int nan = _mm256_movemask_epi8(
+        _mm256_cmpeq_epi8(_mm256_or_si256(raw, _mm256_set1_epi8(static_cast<char>(0x80))),
+                          _mm256_set1_epi8(static_cast<char>(0xFF))));
+    FP8x32Raw(p, out);
     if (__builtin_expect(nan != 0, 0)) {
       for (int j = 0; j < 4; ++j) {
         const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -71,6 +77,18 @@ struct Avx2 {
                                   _mm256_castsi256_ps(m));
       }
     }
+  }
+
+  // Whether any of p[0, bytes) is a NaN code; bytes is a multiple of 32.
+  static inline bool FP8HasNaN(const uint8_t* p, int64_t bytes) {
+    __m256i any = _mm256_setzero_si256();
+    for (int64_t b = 0; b < bytes; b += 32) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b));
+      any = _mm256_or_si256(
+          any, _mm256_cmpeq_epi8(_mm256_or_si256(raw, _mm256_set1_epi8(static_cast<char>(0x80))),
+                                 _mm256_set1_epi8(static_cast<char>(0xFF))));
+    }
+    return !_mm256_testz_si256(any, any);
   }
 
   static inline FP4State FP4Prep(float scale) { return _mm256_set1_ps(scale); }

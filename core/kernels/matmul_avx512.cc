@@ -70,22 +70,45 @@ struct Avx512 {
   }
 
   // Two 256-bit sign-extends: one 512-bit sign-extend of all 32 bytes measured slower here.
-  static inline void FP8x32(const uint8_t* p, V* out) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __mmask32 nan =
-        _mm256_cmpeq_epi8_mask(_mm256_or_si256(raw, _mm256_set1_epi8(static_cast<char>(0x80))),
-                               _mm256_set1_epi8(static_cast<char>(0xFF)));
+  // NaN codes (0x7F, 0xFF) come out as finite values: callers that cannot rule them out use
+  // FP8x32, or FP8HasNaN first.
+  static inline void FP8x32Raw(const uint8_t* p, V* out) {
     for (int j = 0; j < 2; ++j) {
       __m256i h =
           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));
       h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16(static_cast<short>(0xBF80)));
       out[j] = _mm512_cvtph_ps(h);
     }
+  }
+
+  static inline void FP8x32(const uint8_t* p, V* out) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __mmask32 nan =
+        _mm256_cmpeq_epi8_mask(_mm256_or_si256(raw, _mm256_set1_epi8(static_cast<char>(0x80))),
+                               _mm256_set1_epi8(static_cast<char>(0xFF)));
+    FP8x32Raw(p, out);
     if (__builtin_expect(nan != 0, 0)) {
       const V qnan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000));
       out[0] = _mm512_mask_mov_ps(out[0], static_cast<__mmask16>(nan), qnan);
       out[1] = _mm512_mask_mov_ps(out[1], static_cast<__mmask16>(nan >> 16), qnan);
     }
+  }
+
+  // Whether any of p[0, bytes) is a NaN code; bytes is a multiple of 32. 64 bytes per compare.
+  static inline bool FP8HasNaN(const uint8_t* p, int64_t bytes) {
+    __mmask64 any = 0;
+    int64_t b = 0;
+    for (; b + 64 <= bytes; b += 64) {
+      const __m512i raw = _mm512_loadu_si512(p + b);
+      any |= _mm512_cmpeq_epi8_mask(_mm512_or_si512(raw, _mm512_set1_epi8(static_cast<char>(0x80))),
+                                    _mm512_set1_epi8(static_cast<char>(0xFF)));
+    }
+    if (b < bytes) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b));
+      any |= _mm256_cmpeq_epi8_mask(_mm256_or_si256(raw, _mm256_set1_epi8(static_cast<char>(0x80))),
+                                    _mm256_set1_epi8(static_cast<char>(0xFF)));
+    }
+    return any != 0;
   }
 
   static inline FP4State FP4Prep(float scale) {

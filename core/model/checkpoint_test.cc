@@ -535,7 +535,9 @@ TEST(CheckpointPagesTest, LoadingOneTensorTouchesOnlyItsPages) {
   constexpr size_t kSlack = 2 * 64 * 1024;
   // Opening read the header only.
   EXPECT_LE(others(-1, mapped_in), kSlack) << "mapped after Open";
-  if (evicted) EXPECT_LE(others(-1, cached_in), kSlack) << "cached after Open";
+  if (evicted) {
+    EXPECT_LE(others(-1, cached_in), kSlack) << "cached after Open";
+  }
   auto m = (*c)->GetMatrix("blob.9.weight", kRows, kCols);
   ASSERT_TRUE(m.ok()) << m.status();
   const uint8_t* p = static_cast<const uint8_t*>(m->data);
@@ -548,7 +550,9 @@ TEST(CheckpointPagesTest, LoadingOneTensorTouchesOnlyItsPages) {
   EXPECT_GE(mapped_in(*target), kBytes);
   EXPECT_GE(cached_in(*target), kBytes);
   EXPECT_LE(others(9, mapped_in), kSlack) << "other tensors' mapped bytes";
-  if (evicted) EXPECT_LE(others(9, cached_in), kSlack) << "other tensors' cached bytes";
+  if (evicted) {
+    EXPECT_LE(others(9, cached_in), kSlack) << "other tensors' cached bytes";
+  }
 }
 
 }  // namespace

@@ -188,8 +188,9 @@ absl::StatusOr<std::vector<T>> Tensor(const SafetensorsFile& f, const std::strin
                                       DType dtype) {
   EM_ASSIGN_OR_RETURN(TensorView t, f.Get(name));
   if (t.dtype != dtype) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor ", name, " is ", DTypeName(t.dtype),
-                                                   ", expected ", DTypeName(dtype)));
+    return absl::InvalidArgumentError(absl::StrCat("tensor ", name, " is ",
+                                                   std::string(DTypeName(t.dtype)), ", expected ",
+                                                   std::string(DTypeName(dtype))));
   }
   std::vector<T> v(t.nbytes / sizeof(T));
   std::memcpy(v.data(), t.data, v.size() * sizeof(T));

@@ -231,6 +231,71 @@ TEST_F(TinyAGolden, MtpLogits) {
   ExpectContract(all, golden_->mtp_logits, n, golden_->mtp_floor, "mtp_logits");
 }
 
+// The rule itself can fail, and fails what MODEL.md says it must: the golden against itself
+// meets it, 2e-4 of noise or a 1% scale error on the golden does not.
+TEST_F(TinyAGolden, ContractRejectsNoiseAndScaleErrors) {
+  struct Output {
+    const char* name;
+    const std::vector<float>* want;
+    int64_t positions;
+    const NoiseFloor* floor;
+  };
+  const Output outputs[] = {
+      {"logits", &golden_->logits, tokens_, &golden_->logits_floor},
+      {"mtp_logits", &golden_->mtp_logits, prefill_ - 1, &golden_->mtp_floor},
+  };
+  for (const Output& o : outputs) {
+    SCOPED_TRACE(o.name);
+    const std::vector<float>& want = *o.want;
+    ASSERT_FALSE(o.floor->stable_positions.empty());
+    ContractCheck self = CheckContract(want.data(), want.data(), batch_, o.positions, V(), *o.floor);
+    EXPECT_TRUE(self.Meets()) << self.ToString();
+    EXPECT_EQ(self.figures.p99, 0);
+    EXPECT_EQ(self.stable_count, static_cast<int64_t>(o.floor->stable_positions.size()));
+
+    std::vector<float> noisy = want;
+    uint32_t state = 12345;
+    for (float& x : noisy) {
+      state = state * 1664525u + 1013904223u;
+      x += (static_cast<float>(state >> 8) / 16777216.0f - 0.5f) * 4e-4f;  // within +-2e-4
+    }
+    ContractCheck n = CheckContract(noisy.data(), want.data(), batch_, o.positions, V(), *o.floor);
+    EXPECT_FALSE(n.Meets()) << "2e-4 of noise: " << n.ToString();
+
+    std::vector<float> scaled = want;
+    for (float& x : scaled) x *= 1.01f;
+    ContractCheck sc = CheckContract(scaled.data(), want.data(), batch_, o.positions, V(), *o.floor);
+    EXPECT_FALSE(sc.Meets()) << "1% scale error: " << sc.ToString();
+
+    std::vector<float> nan = want;
+    nan[nan.size() / 2] = NAN;
+    EXPECT_FALSE(CheckContract(nan.data(), want.data(), batch_, o.positions, V(), *o.floor).Meets());
+  }
+}
+
+TEST(ContractBoundsTest, FloorsAndScaledReference) {
+  testing::NoiseFloor quiet;
+  quiet.median = 1e-4;
+  quiet.p90 = 1e-3;
+  quiet.p99 = 0.1;
+  quiet.argmax = 1.0;
+  const testing::ContractBounds q = testing::ContractBounds::From(quiet);
+  EXPECT_EQ(q.median, 1e-3);
+  EXPECT_EQ(q.p90, 0.02);
+  EXPECT_EQ(q.p99, 0.25);
+  EXPECT_EQ(q.argmax, 0.98);
+  testing::NoiseFloor loud;
+  loud.median = 0.004;
+  loud.p90 = 0.06;
+  loud.p99 = 0.5;
+  loud.argmax = 0.98;
+  const testing::ContractBounds l = testing::ContractBounds::From(loud);
+  EXPECT_DOUBLE_EQ(l.median, 0.006);
+  EXPECT_DOUBLE_EQ(l.p90, 0.09);
+  EXPECT_DOUBLE_EQ(l.p99, 0.75);
+  EXPECT_DOUBLE_EQ(l.argmax, 0.975);
+}
+
 // An engine that hosts only the even experts and runs the odd ones through an ExpertExecutor
 // (as an expert worker would, with its own checkpoint handle) computes bit-identical logits.
 class OddExperts : public ExpertExecutor {
