@@ -72,6 +72,17 @@ int RunScore(int argc, char** argv) {
     std::fprintf(stderr, "expertmesh score: %s\n", std::string(s.message()).c_str());
     return 1;
   }
+  if (experts) {
+    // What crossing process boundaries cost: the wire bytes of every expert dispatch, per token
+    // scored (teacher forcing feeds each input token once; MTP rows count too).
+    const attention_worker::ExpertDispatcherStats st = experts->dispatcher().stats();
+    std::fprintf(stderr,
+                 "score: cluster: %lld dispatches, %lld retries, %lld bytes sent, %lld bytes "
+                 "received\n",
+                 static_cast<long long>(st.dispatches_sent), static_cast<long long>(st.retries),
+                 static_cast<long long>(st.wire_bytes_sent),
+                 static_cast<long long>(st.wire_bytes_received));
+  }
   return 0;
 }
 

@@ -145,8 +145,7 @@ bool PortRangeFits(int base_port, int service_count) {
 bool BinaryHasFlag(const std::string& binary, const std::string& flag) {
   const std::string help = HelpText(binary);
   const std::string needle = "  --" + flag;
-  for (size_t pos = help.find(needle); pos != std::string::npos;
-       pos = help.find(needle, pos + 1)) {
+  for (size_t pos = help.find(needle); pos != std::string::npos; pos = help.find(needle, pos + 1)) {
     if (pos != 0 && help[pos - 1] != '\n') continue;
     size_t end = pos + needle.size();
     if (end == help.size() || help[end] == '\n' || help[end] == ' ' || help[end] == '=') {
@@ -199,8 +198,8 @@ absl::Status LocalCluster::Plan() {
   }
   if (o.log_dir.empty()) {
     const char* tmp = std::getenv("TMPDIR");
-    std::string templ = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") +
-                        "/expertmesh-cluster-XXXXXX";
+    std::string templ =
+        std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/expertmesh-cluster-XXXXXX";
     if (mkdtemp(templ.data()) == nullptr) {
       return absl::FailedPreconditionError("cannot create a log directory " + templ + ": " +
                                            std::strerror(errno));
@@ -237,9 +236,9 @@ absl::Status LocalCluster::Plan() {
   if (o.with_gateway) add("gateway", 0, bin + "/gateway/expertmesh-gateway");
   const int count = static_cast<int>(members_.size());
   if (!PortRangeFits(o.base_port, count)) {
-    return absl::InvalidArgumentError(
-        "base port " + std::to_string(o.base_port) + " leaves no room for " +
-        std::to_string(count) + " services (gRPC and metrics ports must stay <= 65535)");
+    return absl::InvalidArgumentError("base port " + std::to_string(o.base_port) +
+                                      " leaves no room for " + std::to_string(count) +
+                                      " services (gRPC and metrics ports must stay <= 65535)");
   }
   for (const ClusterMember& m : members_) {
     if (access(m.binary.c_str(), X_OK) != 0) {
@@ -285,14 +284,13 @@ absl::Status LocalCluster::Plan() {
   return absl::OkStatus();
 }
 
-absl::Status LocalCluster::Spawn(ClusterMember& m, int grpc_port, int metrics_port,
-                                 int http_port) {
+absl::Status LocalCluster::Spawn(ClusterMember& m, int grpc_port, int metrics_port, int http_port) {
   const std::string ready = options_.log_dir + "/" + m.name + ".ready";
   unlink(ready.c_str());
   // A restart appends, so that the log of the run that died stays readable.
   const bool restart = m.pid != 0;
-  int log_fd = open(m.log_path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (restart ? O_APPEND : O_TRUNC),
-                    0644);
+  int log_fd = open(m.log_path.c_str(),
+                    O_WRONLY | O_CREAT | O_CLOEXEC | (restart ? O_APPEND : O_TRUNC), 0644);
   if (log_fd < 0) {
     return absl::FailedPreconditionError("cannot write " + m.log_path + ": " +
                                          std::strerror(errno));
@@ -368,7 +366,8 @@ absl::Status LocalCluster::WaitReady(ClusterMember& m, absl::Time deadline) {
         m.http_port = j.value("http", 0);
       }
     }
-    if (m.grpc_port != 0 && rpc::CheckHealth(m.grpc_address(options_.host), absl::Seconds(1)).ok()) {
+    if (m.grpc_port != 0 &&
+        rpc::CheckHealth(m.grpc_address(options_.host), absl::Seconds(1)).ok()) {
       return absl::OkStatus();
     }
     if (absl::Now() > deadline) {
@@ -380,8 +379,8 @@ absl::Status LocalCluster::WaitReady(ClusterMember& m, absl::Time deadline) {
 }
 
 uint64_t LocalCluster::RouterWorkerId(const std::string& address) {
-  auto stub = expertmesh::v1::Router::NewStub(
-      rpc::MakeChannel(members_[0].grpc_address(options_.host)));
+  auto stub =
+      expertmesh::v1::Router::NewStub(rpc::MakeChannel(members_[0].grpc_address(options_.host)));
   grpc::ClientContext context;
   rpc::SetTimeout(context, kSuperviseRpcTimeout);
   expertmesh::v1::ListMembersResponse response;
@@ -499,8 +498,8 @@ std::optional<ClusterMember> LocalCluster::ReapExited() {
 }
 
 absl::Status LocalCluster::HandleDeath(ClusterMember& m) {
-  const std::string what = "(pid " + std::to_string(m.pid) + ") stopped unexpectedly (" +
-                           Describe(m.wait_status) + ")";
+  const std::string what =
+      "(pid " + std::to_string(m.pid) + ") stopped unexpectedly (" + Describe(m.wait_status) + ")";
   if (!options_.restart_on_failure) return Failure(m, what);
   const absl::Time now = absl::Now();
   while (!m.recent_deaths.empty() && now - m.recent_deaths.front() > kRestartWindow) {
@@ -509,19 +508,18 @@ absl::Status LocalCluster::HandleDeath(ClusterMember& m) {
   m.recent_deaths.push_back(now);
   const int deaths = static_cast<int>(m.recent_deaths.size());
   if (deaths > options_.max_restarts_per_minute) {
-    return absl::ResourceExhaustedError(
-        m.name + " " + what + ", its " + std::to_string(deaths) +
-        "th death within a minute (at most " + std::to_string(options_.max_restarts_per_minute) +
-        " restarts a minute); giving up. Last lines of " + m.log_path + ":\n" +
-        TailFile(m.log_path, 20));
+    return absl::ResourceExhaustedError(m.name + " " + what + ", its " + std::to_string(deaths) +
+                                        "th death within a minute (at most " +
+                                        std::to_string(options_.max_restarts_per_minute) +
+                                        " restarts a minute); giving up. Last lines of " +
+                                        m.log_path + ":\n" + TailFile(m.log_path, 20));
   }
   absl::Duration backoff = options_.restart_backoff;
   for (int i = 1; i < deaths && backoff < options_.max_restart_backoff; ++i) backoff *= 2;
   backoff = std::min(backoff, options_.max_restart_backoff);
-  Say("up: " + m.name + " " + what + "; restarting it in " + FormatSeconds(backoff) +
-      " (restart " + std::to_string(deaths) + " of at most " +
-      std::to_string(options_.max_restarts_per_minute) + " a minute). Last lines of " +
-      m.log_path + ":\n" + TailFile(m.log_path, 20));
+  Say("up: " + m.name + " " + what + "; restarting it in " + FormatSeconds(backoff) + " (restart " +
+      std::to_string(deaths) + " of at most " + std::to_string(options_.max_restarts_per_minute) +
+      " a minute). Last lines of " + m.log_path + ":\n" + TailFile(m.log_path, 20));
   m.state = ClusterMember::State::kWaitingToRestart;
   m.restart_at = now + backoff;
   m.stale_worker_id = m.kind == "router" ? 0 : RouterWorkerId(m.grpc_address(options_.host));
@@ -615,7 +613,8 @@ void LocalCluster::Stop() {
   SignalAndWait(all, 0, start + options_.stop_timeout);  // 0: only waits for the stragglers
   for (ClusterMember* m : all) {
     if (m->pid == 0 || m->exited) continue;
-    Say("up: " + m->name + " (pid " + std::to_string(m->pid) + ") did not stop in time; killing it");
+    Say("up: " + m->name + " (pid " + std::to_string(m->pid) +
+        ") did not stop in time; killing it");
     if (kill(-m->pid, SIGKILL) != 0) kill(m->pid, SIGKILL);
     waitpid(m->pid, &m->wait_status, 0);
     m->exited = true;

@@ -363,6 +363,7 @@ void PlacementManager::AddWorker(const WorkerSpec& spec) {
   }
   if (spec.kind != expertmesh::v1::WORKER_KIND_EXPERT) return;
   w.ordinal = ordinals_.emplace(spec.address, static_cast<int>(ordinals_.size())).first->second;
+  last_expert_registration_ = clock_.Now();
   size_t cap = std::numeric_limits<size_t>::max();
   if (spec.capacity.max_experts() > 0) cap = spec.capacity.max_experts();
   if (spec.capacity.memory_bytes() > 0 && options_.shape.expert_bytes > 0) {
@@ -458,7 +459,10 @@ uint64_t PlacementManager::MinAttentionVersionLocked() const {
 }
 
 bool PlacementManager::SettlingLocked() const {
-  return restarted_ && published_ == 0 && clock_.Now() < started_ + options_.settle;
+  if (published_ > 0) return false;
+  const absl::Time now = clock_.Now();
+  return (restarted_ && now < started_ + options_.settle) ||
+         now < last_expert_registration_ + options_.gather;
 }
 
 PlacementInput PlacementManager::InputLocked() const {

@@ -109,6 +109,10 @@ struct PlacementOptions {
   // after it starts before publishing, so that every live worker re-registers first (one lease
   // TTL is enough: a live worker renews within it).
   absl::Duration settle = absl::ZeroDuration();
+  // Before its first table, the router waits until no expert worker has registered for this
+  // long, so that workers starting together are placed together instead of the first one
+  // loading every expert and handing half of them on.
+  absl::Duration gather = absl::ZeroDuration();
   // Version published before a restart (from --state-dir); 0 = none.
   uint64_t restored_version = 0;
   // A worker whose load failed is left out of placement for this long (doubling per failure,
@@ -207,6 +211,7 @@ class PlacementManager {
   // Highest version seen anywhere (state file, workers' reports); the next one is above it.
   uint64_t version_floor_ ABSL_GUARDED_BY(mu_) = 0;
   int published_ ABSL_GUARDED_BY(mu_) = 0;  // tables published by this incarnation
+  absl::Time last_expert_registration_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   bool restarted_ ABSL_GUARDED_BY(mu_) = false;
   // (worker, expert) -> version from which the worker is no longer listed for it.
   std::map<std::pair<uint64_t, ExpertKey>, uint64_t> pending_unloads_ ABSL_GUARDED_BY(mu_);

@@ -500,6 +500,29 @@ TEST_F(PlacementManagerTest, RestartedRouterRebuildsFromHostedExpertsWithoutLoad
   EXPECT_EQ(ListedOn(2), std::set<ExpertKey>(b.begin(), b.end()));
 }
 
+TEST_F(PlacementManagerTest, FirstTableWaitsForWorkersStartingTogether) {
+  PlacementOptions o;
+  o.shape = Shape(1, 0, 4);
+  o.gather = absl::Milliseconds(300);
+  Make(std::move(o));
+  AddExpert(1);
+  EXPECT_FALSE(manager_->Reconcile());
+  clock_.Advance(absl::Milliseconds(200));
+  AddExpert(2);
+  clock_.Advance(absl::Milliseconds(200));
+  EXPECT_FALSE(manager_->Reconcile());
+  clock_.Advance(absl::Milliseconds(200));
+  ASSERT_TRUE(manager_->Reconcile());
+  EXPECT_EQ(manager_->version(), 1u);
+  ASSERT_EQ(loader_.loads.size(), 2u);
+  EXPECT_EQ(loader_.loads[0].experts.size(), 2u);
+  EXPECT_EQ(loader_.loads[1].experts.size(), 2u);
+  EXPECT_TRUE(loader_.unloads.empty());
+  // Later joiners are not held back.
+  AddExpert(3);
+  EXPECT_TRUE(manager_->Reconcile());
+}
+
 TEST_F(PlacementManagerTest, VersionContinuesAboveTheRestoredOneAndAttentionReports) {
   PlacementOptions o;
   o.shape = Shape(1, 0, 2);

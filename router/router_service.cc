@@ -313,6 +313,10 @@ RouterService::RouterService(const Clock& clock, absl::Duration lease_ttl,
     if (placement_config_->options.settle == absl::ZeroDuration()) {
       placement_config_->options.settle = lease_ttl;
     }
+    if (placement_config_->options.gather == absl::ZeroDuration()) {
+      placement_config_->options.gather =
+          std::clamp(lease_ttl / 10, absl::Milliseconds(50), absl::Milliseconds(500));
+    }
     loader_ = std::make_unique<GrpcExpertLoader>(placement_config_->load_timeout,
                                                  placement_config_->unload_timeout, expert_loads_);
     placement_ = std::make_unique<PlacementManager>(placement_config_->options, clock, *loader_);

@@ -140,8 +140,6 @@ ClusterMemberMetrics Scrape(const cli::ClusterMember& m) {
 // A local cluster of a router, one attention worker and two expert workers on tiny-a.
 class GenerateClusterTest : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {}
-
   void StartCluster(std::vector<std::string> attention_args = {},
                     std::vector<std::string> expert_args = {}) {
     cli::LocalClusterOptions o;

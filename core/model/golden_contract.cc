@@ -71,12 +71,13 @@ absl::StatusOr<NoiseFloor> LoadNoiseFloor(const std::string& golden_dir,
   EM_ASSIGN_OR_RETURN(f.argmax, Number(o, where, "argmax"));
   auto sp = o.find("stable_positions");
   if (sp == o.end() || !sp->is_array()) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ".stable_positions: missing or not an array"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ".stable_positions: missing or not an array"));
   }
   for (size_t i = 0; i < sp->size(); ++i) {
     const nlohmann::json& e = (*sp)[i];
-    if (!e.is_array() || e.size() != 2 || !e[0].is_number_integer() ||
-        !e[1].is_number_integer() || e[0].get<int64_t>() < 0 || e[1].get<int64_t>() < 0) {
+    if (!e.is_array() || e.size() != 2 || !e[0].is_number_integer() || !e[1].is_number_integer() ||
+        e[0].get<int64_t>() < 0 || e[1].get<int64_t>() < 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           where, ".stable_positions[", i, "]: not a [sequence, position] pair: ", e.dump()));
     }
@@ -141,7 +142,8 @@ ContractCheck CheckContract(const float* got, const float* want, int64_t sequenc
   const ContractFigures& f = c.figures;
   const ContractBounds& b = c.bounds;
   if (f.positions <= 0) c.violations.push_back("no positions compared");
-  if (!(f.median <= b.median)) c.violations.push_back(absl::StrCat("median ", f.median, " > ", b.median));
+  if (!(f.median <= b.median))
+    c.violations.push_back(absl::StrCat("median ", f.median, " > ", b.median));
   if (!(f.p90 <= b.p90)) c.violations.push_back(absl::StrCat("p90 ", f.p90, " > ", b.p90));
   if (!(f.p99 <= b.p99)) c.violations.push_back(absl::StrCat("p99 ", f.p99, " > ", b.p99));
   if (!(f.argmax_agreement >= b.argmax)) {
@@ -162,7 +164,8 @@ ContractCheck CheckContract(const float* got, const float* want, int64_t sequenc
       c.stable_worst = {s, t};
     }
     if (!(p <= kStable)) {
-      c.violations.push_back(absl::StrCat("stable position [", s, ", ", t, "]: ", p, " > ", kStable));
+      c.violations.push_back(
+          absl::StrCat("stable position [", s, ", ", t, "]: ", p, " > ", kStable));
     }
   }
   return c;
@@ -171,7 +174,8 @@ ContractCheck CheckContract(const float* got, const float* want, int64_t sequenc
 std::string ContractCheck::ToString() const {
   std::ostringstream s;
   s << figures.ToString() << " stable=" << stable_count << " stable_max=" << stable_max;
-  if (stable_worst.first >= 0) s << " at [" << stable_worst.first << ", " << stable_worst.second << "]";
+  if (stable_worst.first >= 0)
+    s << " at [" << stable_worst.first << ", " << stable_worst.second << "]";
   s << " (bounds " << bounds.ToString() << " stable<=1e-4)";
   for (const std::string& v : violations) s << "\n  violated: " << v;
   return s.str();
@@ -201,9 +205,8 @@ absl::Status ExpectShape(const SafetensorsFile& f, const std::string& name,
                          const std::vector<int64_t>& want) {
   EM_ASSIGN_OR_RETURN(TensorView t, f.Get(name));
   if (t.shape != want) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor ", name, " has shape ",
-                                                   ShapeString(t.shape), ", expected ",
-                                                   ShapeString(want)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor ", name, " has shape ", ShapeString(t.shape), ", expected ", ShapeString(want)));
   }
   return absl::OkStatus();
 }
@@ -214,8 +217,7 @@ absl::StatusOr<std::vector<float>> TensorF32(const SafetensorsFile& f, const std
   return Tensor<float>(f, name, DType::kF32);
 }
 
-absl::StatusOr<std::vector<int32_t>> TensorI32(const SafetensorsFile& f,
-                                               const std::string& name) {
+absl::StatusOr<std::vector<int32_t>> TensorI32(const SafetensorsFile& f, const std::string& name) {
   return Tensor<int32_t>(f, name, DType::kI32);
 }
 

@@ -89,8 +89,7 @@ class OtherShape : public ::testing::Test {
     ASSERT_EQ(got.size(), want.size()) << what;
     const int64_t V = model_->config().vocab_size;
     ContractFigures f = CompareLogits(got.data(), want.data(), got.size() / V, V);
-    const bool same_bytes =
-        std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0;
+    const bool same_bytes = std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0;
     std::printf("[consistency] %s: %s bytes %s\n", what.c_str(), f.ToString().c_str(),
                 same_bytes ? "identical" : "differ");
     EXPECT_TRUE(f.Meets()) << what << ": " << f.ToString();

@@ -109,8 +109,8 @@ TEST_F(TinyAGolden, PrefillThenDecodeAndLayerOutputs) {
       // bound here could justify, so this prints the match per layer and asserts only the
       // shape and that the values are finite.
       opt.layer_out = [&](int layer, const float* x, int64_t n) {
-        auto want = testing::TensorF32(*golden_->file,
-                                       "prefill_layer_out." + std::to_string(layer));
+        auto want =
+            testing::TensorF32(*golden_->file, "prefill_layer_out." + std::to_string(layer));
         ASSERT_TRUE(want.ok()) << want.status();
         ASSERT_EQ(static_cast<int64_t>(want->size()), n * width) << "layer " << layer;
         // Relative to the layer's scale (max|golden| over all positions), per position.
@@ -137,8 +137,7 @@ TEST_F(TinyAGolden, PrefillThenDecodeAndLayerOutputs) {
             "first above 1e-5 at %lld, position 0 %g\n",
             layer, static_cast<long long>(within), static_cast<long long>(n), *worst,
             static_cast<long long>(worst - rel.begin()),
-            static_cast<long long>(first_off == rel.end() ? -1 : first_off - rel.begin()),
-            rel[0]);
+            static_cast<long long>(first_off == rel.end() ? -1 : first_off - rel.begin()), rel[0]);
       };
     }
     Segment s{&st, absl::MakeConstSpan(Ids(seq), prefill_)};
@@ -248,7 +247,8 @@ TEST_F(TinyAGolden, ContractRejectsNoiseAndScaleErrors) {
     SCOPED_TRACE(o.name);
     const std::vector<float>& want = *o.want;
     ASSERT_FALSE(o.floor->stable_positions.empty());
-    ContractCheck self = CheckContract(want.data(), want.data(), batch_, o.positions, V(), *o.floor);
+    ContractCheck self =
+        CheckContract(want.data(), want.data(), batch_, o.positions, V(), *o.floor);
     EXPECT_TRUE(self.Meets()) << self.ToString();
     EXPECT_EQ(self.figures.p99, 0);
     EXPECT_EQ(self.stable_count, static_cast<int64_t>(o.floor->stable_positions.size()));
@@ -264,12 +264,14 @@ TEST_F(TinyAGolden, ContractRejectsNoiseAndScaleErrors) {
 
     std::vector<float> scaled = want;
     for (float& x : scaled) x *= 1.01f;
-    ContractCheck sc = CheckContract(scaled.data(), want.data(), batch_, o.positions, V(), *o.floor);
+    ContractCheck sc =
+        CheckContract(scaled.data(), want.data(), batch_, o.positions, V(), *o.floor);
     EXPECT_FALSE(sc.Meets()) << "1% scale error: " << sc.ToString();
 
     std::vector<float> nan = want;
     nan[nan.size() / 2] = NAN;
-    EXPECT_FALSE(CheckContract(nan.data(), want.data(), batch_, o.positions, V(), *o.floor).Meets());
+    EXPECT_FALSE(
+        CheckContract(nan.data(), want.data(), batch_, o.positions, V(), *o.floor).Meets());
   }
 }
 

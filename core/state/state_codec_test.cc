@@ -17,14 +17,23 @@ using model::SequenceState;
 
 class StateCodecTest : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {
-    const std::string dir = model::testing::GoldenDir("tiny-a");
-    auto m = Model::Load(dir);
-    ASSERT_TRUE(m.ok()) << m.status();
-    model_ = m->release();
-    auto g = model::SafetensorsFile::Open(dir + "/golden.safetensors");
-    ASSERT_TRUE(g.ok()) << g.status();
-    golden_ = g->release();
+  // Loaded once, in the first test's SetUp: a load failure fails every test (in
+  // SetUpTestSuite it would only mark them skipped).
+  void SetUp() override {
+    if (model_ == nullptr && load_error_.empty()) {
+      const std::string dir = model::testing::GoldenDir("tiny-a");
+      auto m = Model::Load(dir);
+      auto g = model::SafetensorsFile::Open(dir + "/golden.safetensors");
+      if (!m.ok()) {
+        load_error_ = m.status().ToString();
+      } else if (!g.ok()) {
+        load_error_ = g.status().ToString();
+      } else {
+        model_ = m->release();
+        golden_ = g->release();
+      }
+    }
+    ASSERT_TRUE(load_error_.empty()) << load_error_;
   }
   static void TearDownTestSuite() {
     delete model_;
@@ -32,9 +41,11 @@ class StateCodecTest : public ::testing::Test {
   }
   static Model* model_;
   static model::SafetensorsFile* golden_;
+  static std::string load_error_;
 };
 Model* StateCodecTest::model_ = nullptr;
 model::SafetensorsFile* StateCodecTest::golden_ = nullptr;
+std::string StateCodecTest::load_error_;
 
 // Golden schedule (prefill, then one-token decode) with the state serialized and restored into
 // a fresh object at `cut` (and, for the decode part, again every `every` tokens).
