@@ -188,7 +188,7 @@ class RemoteExpertDispatcher::Core {
     }
     return out;
   }
-  // Called by a stream as its very last use of the Core.
+  // Called by a stream as the very last thing it does (after releasing itself).
   void StreamEnded() {
     absl::MutexLock lock(&mu_);
     --live_streams_;
@@ -392,8 +392,12 @@ class DispatchStream final
     for (auto& [id, target] : orphans) {
       target.call->Deliver(target.attempt, failure, v1::DispatchResponse());
     }
-    core_->StreamEnded();  // the Core may be gone after this
-    std::shared_ptr<DispatchStream> self = std::move(self_);
+    // Dropping the self reference may delete this stream (not its channel: the Core's
+    // connection holds that until Shutdown has seen every stream end, because destroying the
+    // last reference to a channel on a gRPC callback thread aborts in gRPC 1.51).
+    RemoteExpertDispatcher::Core* const core = core_;
+    { std::shared_ptr<DispatchStream> self = std::move(self_); }
+    core->StreamEnded();  // the Core may be gone after this
   }
 
  private:

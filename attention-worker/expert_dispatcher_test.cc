@@ -652,7 +652,11 @@ TEST_F(DispatchFixture, PlacementVersionsArePickedUpAndNeverGoBackwards) {
   restarted.SetTable(Table(4, addresses_, [](int) { return std::vector<uint64_t>{1}; }, E));
   EXPECT_TRUE(placement.WaitForVersion(4, absl::Seconds(20)));
   {
+    // on_version runs just after the version is installed.
     absl::MutexLock lock(&seen_mu);
+    seen_mu.AwaitWithTimeout(absl::Condition(
+                                 +[](std::vector<uint64_t>* v) { return v->size() >= 3; }, &seen),
+                             absl::Seconds(20));
     EXPECT_EQ(seen, (std::vector<uint64_t>{2, 3, 4}));
   }
   restarted.Stop();

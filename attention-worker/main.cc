@@ -1,7 +1,9 @@
 // expertmesh-attention-worker: runs sequences (continuous batching, attention, gate, shared
 // expert, sampling) and dispatches the routed experts to the expert workers the router places
 // them on; registers with the router.
+#include <atomic>
 #include <memory>
+#include <thread>
 #include <string>
 
 #include "attention-worker/attention_worker_service.h"
@@ -46,7 +48,7 @@ int main(int argc, char** argv) {
   flags.AddInt("expert-retries", &expert_retries,
                "retries of a failed expert dispatch on other replicas");
   flags.AddInt("placement-wait-ms", &placement_wait_ms,
-               "how long to wait at start for a placement table covering every expert");
+               "warn this often while no placement table covers every expert");
   flags.AddInt("threads", &threads, "kernel threads (0 = EM_THREADS or all cores)");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv); rc >= 0) return rc;
   auto process = rpc::ServiceProcess::Create("attention-worker", common);
@@ -74,28 +76,51 @@ int main(int argc, char** argv) {
                                        capacity.ToProto(),
                                        std::string(kernels::ActiveKernelTargetName()),
                                        nullptr});
-  if (model != nullptr) {
-    if (!local_experts) {
-      if (common.router.empty()) {
-        return rpc::ServiceProcess::ReportStartError(absl::InvalidArgumentError(
-            "--router is required to reach the expert workers (or pass --local-experts)"));
-      }
-      attention_worker::PlacementClientOptions po;
-      po.registry = &p->registry();
-      po.on_version = [p](uint64_t version) {
-        if (rpc::RouterRegistration* r = p->registration()) r->set_placement_version(version);
-      };
-      placement = std::make_unique<attention_worker::PlacementClient>(common.router, po);
+  attention_worker::SchedulerOptions so;
+  so.max_batch_tokens = max_batch_tokens;
+  so.max_running_sequences = static_cast<int>(max_running);
+  so.state_memory_bytes = state_mb << 20;
+  so.micro_batches = static_cast<int>(micro_batches);
+  so.default_max_new_tokens = default_max_new;
+  auto start_scheduler = [&] {
+    scheduler = std::make_unique<attention_worker::Scheduler>(model.get(), so, &p->registry());
+    service.set_scheduler(scheduler.get());
+    base::LogInfo("ready to run sequences");
+  };
+  // The worker serves (health, status) at once; Generate answers UNAVAILABLE until a placement
+  // covering every routed expert has arrived from the router, which may take as long as the
+  // expert workers need to load.
+  std::atomic<bool> stopping{false};
+  std::thread setup;
+  if (model != nullptr && local_experts) start_scheduler();
+  if (model != nullptr && !local_experts) {
+    if (common.router.empty()) {
+      return rpc::ServiceProcess::ReportStartError(absl::InvalidArgumentError(
+          "--router is required to reach the expert workers (or pass --local-experts)"));
+    }
+    attention_worker::PlacementClientOptions po;
+    po.registry = &p->registry();
+    po.on_version = [p](uint64_t version) {
+      if (rpc::RouterRegistration* r = p->registration()) r->set_placement_version(version);
+    };
+    placement = std::make_unique<attention_worker::PlacementClient>(common.router, po);
+    setup = std::thread([&] {
       std::vector<attention_worker::ExpertKey> needed;
       const model::ModelConfig& c = model->config();
       for (const model::BlockWeights& b : model->weights().layers) {
         for (int e = 0; e < c.n_routed_experts; ++e) needed.push_back({b.block, e});
       }
-      for (const model::MtpWeights& m : model->weights().mtp) {
-        for (int e = 0; e < c.n_routed_experts; ++e) needed.push_back({m.block.block, e});
+      absl::Time warn_at = absl::Now() + absl::Milliseconds(placement_wait_ms);
+      while (!stopping.load()) {
+        absl::Status st = placement->WaitForPlacement(absl::Milliseconds(200), needed);
+        if (st.ok()) break;
+        if (absl::Now() > warn_at) {
+          base::LogWarning("no placement covers every routed expert yet; Generate answers "
+                           "UNAVAILABLE until one does: " + st.ToString());
+          warn_at = absl::Now() + absl::Milliseconds(placement_wait_ms);
+        }
       }
-      status = placement->WaitForPlacement(absl::Milliseconds(placement_wait_ms), needed);
-      if (!status.ok()) return rpc::ServiceProcess::ReportStartError(status);
+      if (stopping.load()) return;
       attention_worker::ExpertDispatcherOptions dopts;
       dopts.deadline = absl::Milliseconds(expert_deadline_ms);
       dopts.retry_budget = static_cast<int>(expert_retries);
@@ -103,21 +128,18 @@ int main(int argc, char** argv) {
       dispatcher =
           std::make_unique<attention_worker::RemoteExpertDispatcher>(placement.get(), dopts);
       model->set_expert_dispatcher(dispatcher.get());
-    }
-    attention_worker::SchedulerOptions so;
-    so.max_batch_tokens = max_batch_tokens;
-    so.max_running_sequences = static_cast<int>(max_running);
-    so.state_memory_bytes = state_mb << 20;
-    so.micro_batches = static_cast<int>(micro_batches);
-    so.default_max_new_tokens = default_max_new;
-    scheduler = std::make_unique<attention_worker::Scheduler>(model.get(), so, &p->registry());
-    service.set_scheduler(scheduler.get());
+      start_scheduler();
+    });
   }
   status = p->AnnounceReady();
   if (!status.ok()) return rpc::ServiceProcess::ReportStartError(status);
   const int rc = p->WaitForTerminationAndShutdown([&] {
+    stopping.store(true);
+    if (setup.joinable()) setup.join();
     if (scheduler) scheduler->Drain();
   });
+  stopping.store(true);
+  if (setup.joinable()) setup.join();
   if (scheduler) scheduler->Stop();
   return rc;
 }

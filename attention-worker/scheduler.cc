@@ -44,34 +44,15 @@ prometheus::Histogram::BucketBoundaries SecondsBuckets() {
   return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
 }
 
-// log p of every token (log-softmax in double, one fixed order: the same bytes for the same
-// logits).
-std::vector<double> LogSoftmax(absl::Span<const float> logits) {
-  const double mx = *std::max_element(logits.begin(), logits.end());
-  double sum = 0;
-  for (float v : logits) sum += std::exp(static_cast<double>(v) - mx);
-  const double lse = mx + std::log(sum);
-  std::vector<double> out(logits.size());
-  for (size_t i = 0; i < logits.size(); ++i) out[i] = static_cast<double>(logits[i]) - lse;
-  return out;
-}
-
 void FillLogprob(absl::Span<const float> logits, int32_t token, int top,
                  v1::TokenLogprob* out) {
-  const std::vector<double> lp = LogSoftmax(logits);
   out->set_token_id(static_cast<uint32_t>(token));
-  out->set_logprob(static_cast<float>(lp[token]));
+  out->set_logprob(engine::TokenLogprob(logits, token));
   if (top <= 0) return;
-  std::vector<int32_t> order(lp.size());
-  std::iota(order.begin(), order.end(), 0);
-  const size_t k = std::min<size_t>(static_cast<size_t>(top), order.size());
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
-    return lp[a] > lp[b] || (lp[a] == lp[b] && a < b);
-  });
-  for (size_t i = 0; i < k; ++i) {
+  for (const auto& [id, lp] : engine::TopLogprobs(logits, top)) {
     v1::TopLogprob* t = out->add_top();
-    t->set_token_id(static_cast<uint32_t>(order[i]));
-    t->set_logprob(static_cast<float>(lp[order[i]]));
+    t->set_token_id(static_cast<uint32_t>(id));
+    t->set_logprob(lp);
   }
 }
 

@@ -6,7 +6,9 @@
 //   4. One DeepSeek-V4-Flash-shaped layer's linear layers (composed from MatMul calls with the
 //      real shapes and checkpoint formats, top-6 routing over 256 FP4 experts), ms per token at
 //      batch 1 and batch 32. What it includes and leaves out is printed with the figures.
-// Usage: matmul_bench [--threads N] [--skip-layer] [--quick]
+//   --variants instead: the batch-invariant FP8 GEMV against the legacy one
+//      (SetKernelVariantForBench), interleaved, 1 thread, L2-, L3- and DRAM-sized matrices.
+// Usage: matmul_bench [--threads N] [--skip-layer] [--quick] [--variants]
 // Memory: about 0.8 GB for the triad (freed before the rest), then about 3.7 GB for the layer.
 #include <sys/resource.h>
 
@@ -441,9 +443,38 @@ void BenchLayer(int threads, bool quick) {
   }
 }
 
+// FP8 GEMV (n = 1 and 2, 1 thread), invariant vs legacy kernel variant. Rounds alternate the
+// order (A B, B A, ...) so drift and neighbours' load hit both; best time per variant.
+void BenchVariants(bool quick) {
+  SetKernelThreads(1);
+  std::printf("[variants] FP8 e4m3 GEMV, 1 thread, kernel target %s: best us per call\n",
+              std::string(ActiveKernelTargetName()).c_str());
+  for (int64_t size : {1024, 4096, 8192}) {
+    const OwnedMatrix m = MakeWeights(WeightFormat::kFP8E4M3, size, size, 7);
+    for (int64_t n : {1, 2}) {
+      const std::vector<float> x = RandomActivations(n * size, 3);
+      std::vector<float> y(n * size);
+      double best[2] = {1e30, 1e30};
+      const KernelVariant kV[2] = {KernelVariant::kInvariant, KernelVariant::kLegacy};
+      for (int round = 0; round < (quick ? 4 : 10); ++round) {
+        for (int k = 0; k < 2; ++k) {
+          const int v = round % 2 == 0 ? k : 1 - k;
+          SetKernelVariantForBench(kV[v]);
+          best[v] =
+              std::min(best[v], BestSeconds([&] { MatMul(m.w, x.data(), n, y.data()); }, 5, 0.05));
+        }
+      }
+      std::printf("  %5lldx%-5lld n=%lld: invariant %9.1f us  legacy %9.1f us  speed ratio %.3f\n",
+                  static_cast<long long>(size), static_cast<long long>(size),
+                  static_cast<long long>(n), 1e6 * best[0], 1e6 * best[1], best[1] / best[0]);
+    }
+  }
+  SetKernelVariantForBench(KernelVariant::kInvariant);
+}
+
 int Main(int argc, char** argv) {
   int threads = KernelThreads();
-  bool skip_layer = false, quick = false;
+  bool skip_layer = false, quick = false, variants = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--threads" && i + 1 < argc) {
@@ -452,15 +483,21 @@ int Main(int argc, char** argv) {
       skip_layer = true;
     } else if (a == "--quick") {
       quick = true;
+    } else if (a == "--variants") {
+      variants = true;
     } else {
       std::fprintf(stderr,
-                   "usage: matmul_bench [--threads N] [--skip-layer] [--quick]\n"
+                   "usage: matmul_bench [--threads N] [--skip-layer] [--quick] [--variants]\n"
                    "  Memory bandwidth (triad) vs GEMV, GEMM n=32, and one V4-Flash layer.\n"
                    "  EM_KERNEL_TARGET=avx2|generic benchmarks a lower kernel target.\n");
       return a == "--help" ? 0 : 2;
     }
   }
   if (threads < 1) threads = 1;
+  if (variants) {
+    BenchVariants(quick);
+    return 0;
+  }
   std::printf("matmul_bench: kernel target %s, threads 1 and %d\n",
               std::string(ActiveKernelTargetName()).c_str(), threads);
 

@@ -254,7 +254,10 @@ absl::StatusOr<DispatchResponse> ExpertWorkerService::Compute(const DispatchRequ
         absl::StrCat("tokens.shape must be [n, ", hidden, "], got [", shape, "]"));
   }
   const int64_t n = t.shape(0);
-  if (static_cast<int64_t>(t.data().size()) != n * hidden * 4) {
+  // Compared by division: n comes off the wire and n * hidden could overflow.
+  const uint64_t row_bytes = static_cast<uint64_t>(hidden) * sizeof(float);
+  if (t.data().size() % row_bytes != 0 ||
+      t.data().size() / row_bytes != static_cast<uint64_t>(n)) {
     return absl::InvalidArgumentError(absl::StrCat("tokens.data has ", t.data().size(),
                                                    " bytes; shape [", n, ", ", hidden,
                                                    "] F32 needs ", n * hidden * 4));

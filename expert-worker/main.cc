@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   std::string model;
   int64_t inject_delay_ms = 0;
   int64_t drain_timeout_ms = 30000;
+  int64_t threads = 0;
   rpc::FlagSet flags("expertmesh-expert-worker",
                      "Hosts a shard of routed experts and computes batched expert FFNs.");
   common.Register(flags, /*with_router=*/true);
@@ -26,16 +27,18 @@ int main(int argc, char** argv) {
   flags.AddInt("drain-timeout-ms", &drain_timeout_ms,
                  "longest a drain (Drain RPC without grace, SIGTERM) waits for the router to "
                  "report that no attention worker routes here before unloading and exiting");
+  flags.AddInt("threads", &threads, "kernel threads (0 = EM_THREADS or all cores)");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv); rc >= 0) return rc;
-  if (inject_delay_ms < 0 || drain_timeout_ms < 0) {
+  if (inject_delay_ms < 0 || drain_timeout_ms < 0 || threads < 0) {
     return rpc::ReportSetupError(
         "expertmesh-expert-worker",
-        absl::InvalidArgumentError("--inject-delay-ms and --drain-timeout-ms must be >= 0"));
+        absl::InvalidArgumentError("--inject-delay-ms, --drain-timeout-ms and --threads must be >= 0"));
   }
   auto process = rpc::ServiceProcess::Create("expert-worker", common);
   absl::Status status = process.ok() ? rpc::CheckModelDir(model) : process.status();
   if (!status.ok()) return rpc::ReportSetupError("expertmesh-expert-worker", status);
   rpc::ServiceProcess* p = process->get();
+  kernels::SetKernelThreads(static_cast<int>(threads));
 
   expert_worker::ExpertWorkerOptions options;
   options.model_dir = model;

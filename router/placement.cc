@@ -283,7 +283,17 @@ Assignment ComputePlacement(const PlacementInput& in) {
         }
         std::sort(layers.begin(), layers.end());
         std::optional<ExpertKey> pick;
+        // An expert the receiver still holds moves without a load.
+        if (auto h = in.held.find(receiver); h != in.held.end()) {
+          for (const ExpertKey& key : h->second) {
+            if (movable[*donor].count(key) && !holds(out[key], receiver)) {
+              pick = key;
+              break;
+            }
+          }
+        }
         for (const auto& [diff, layer] : layers) {
+          if (pick) break;
           const std::set<ExpertKey>& mine = movable[*donor];
           for (auto it = mine.lower_bound({layer, 0}); it != mine.end() && it->layer == layer; ++it) {
             if (!holds(out[*it], receiver)) {
@@ -525,8 +535,10 @@ bool PlacementManager::Reconcile() {
     {
       std::vector<std::thread> threads;
       for (const auto& [id, keys] : gains) {
-        threads.emplace_back([&, id = id] {
-          results[id] = loader_.Load(id, addresses[id], gains[id], load_version);
+        // Each thread writes only its own, already present, entry of `results`.
+        absl::Status* result = &results.at(id);
+        threads.emplace_back([&, id = id, result, &keys = keys] {
+          *result = loader_.Load(id, addresses.at(id), keys, load_version);
         });
       }
       for (std::thread& t : threads) t.join();

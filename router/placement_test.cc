@@ -195,6 +195,27 @@ TEST(ComputePlacementTest, HeldExpertsArePreferredForNewReplicas) {
   EXPECT_EQ(kept, 2);
 }
 
+TEST(ComputePlacementTest, RejoiningWorkerGetsBackWhatItStillHolds) {
+  const ModelShape shape = Shape(2, 0, 6);
+  Assignment three = ComputePlacement(Input(shape, 1, {1, 2, 3}));
+  PlacementInput two = Input(shape, 1, {1, 2});
+  two.current = three;
+  Assignment without = ComputePlacement(two);
+  std::set<ExpertKey> had;
+  for (const auto& [k, ids] : three) {
+    if (ids[0] == 3) had.insert(k);
+  }
+  PlacementInput back = Input(shape, 1, {1, 2, 3});
+  back.current = without;
+  back.held[3] = had;
+  Assignment again = ComputePlacement(back);
+  std::set<ExpertKey> now;
+  for (const auto& [k, ids] : again) {
+    if (ids[0] == 3) now.insert(k);
+  }
+  EXPECT_EQ(now, had);
+}
+
 TEST(PinnedPlacementTest, ParsesAddressesOrdinalsStarLayersAndExpertLists) {
   const ModelShape shape = Shape(2, 1, 4);
   auto pinned = ParsePinnedPlacement(R"({"placement": [

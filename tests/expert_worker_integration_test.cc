@@ -286,5 +286,25 @@ TEST_F(ExpertWorkerIntegrationTest, SigtermExitsAfterTheDrainTimeoutWhenTheRoute
   EXPECT_NE(worker->process->Log().find("\"timeout\""), std::string::npos) << worker->process->Log();
 }
 
+TEST_F(ExpertWorkerIntegrationTest, DrainRpcEndsTheProcessByItself) {
+  auto router = StartService("router", kRouterBinary, {"--lease-ms=3000"}, dir_);
+  ASSERT_TRUE(router.ok()) << router.status();
+  auto worker = StartService("expert", kExpertBinary,
+                             {"--router=" + router->grpc_address(), "--model=" + ModelDir()},
+                             dir_);
+  ASSERT_TRUE(worker.ok()) << worker.status();
+  ASSERT_TRUE(Load(*worker, {{1, 1}}, 1).ok());
+  grpc::ClientContext context;
+  rpc::SetTimeout(context, absl::Seconds(10));
+  expertmesh::v1::ExpertDrainRequest request;
+  request.set_grace_ms(1000);  // bounds the wait whether or not the router answers drained
+  expertmesh::v1::ExpertDrainResponse response;
+  grpc::Status status = Stub(*worker)->Drain(&context, request, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(response.loaded_experts(), 1u);
+  // No signal: the worker leaves once drained.
+  ASSERT_NO_FATAL_FAILURE(ExpectCleanExit(*worker, absl::Seconds(20)));
+}
+
 }  // namespace
 }  // namespace expertmesh::testing

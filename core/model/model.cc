@@ -1,6 +1,7 @@
 #include "core/model/model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -437,8 +438,16 @@ absl::Status Model::FinishBlock(Batch& b, std::vector<float>& X, LayerMoe& lm,
                                 std::vector<absl::Status>* segment_status) {
   std::vector<int64_t> failed_rows;
   absl::Status failure;
-  EM_RETURN_IF_ERROR(FinishMoe(config_, lm.step, lm.f.data(),
-                               segment_status ? &failed_rows : nullptr, &failure));
+  const bool remote = lm.step.pending != nullptr;
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::Status st = FinishMoe(config_, lm.step, lm.f.data(),
+                              segment_status ? &failed_rows : nullptr, &failure);
+  if (remote) {
+    expert_wait_ns_.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                  std::chrono::steady_clock::now() - t0)
+                                  .count());
+  }
+  EM_RETURN_IF_ERROR(st);
   for (int64_t row : failed_rows) {
     absl::Status& st = (*segment_status)[b.seg_of[row]];
     if (st.ok()) st = failure;

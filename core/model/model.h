@@ -5,6 +5,7 @@
 // linear layer as one matrix product over all their tokens.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -91,6 +92,10 @@ class Model {
   // Experts not loaded locally run through `dispatcher` (not owned; may be null): one dispatch
   // per layer and pass, overlapped with the shared expert. Replaces any executor.
   void set_expert_dispatcher(ExpertDispatcher* dispatcher) { dispatcher_ = dispatcher; }
+  // Total time forward passes spent blocked on remote experts (after the shared and local
+  // experts were done), in seconds since load: what the network and the expert workers cost
+  // beyond the overlap.
+  double expert_wait_seconds() const { return expert_wait_ns_.load() * 1e-9; }
 
   // Runs the trunk over the segments' tokens and returns logits [rows, V] (see ForwardOptions).
   // Errors: InvalidArgument for a token id out of range, an empty segment or a state of another
@@ -130,6 +135,7 @@ class Model {
   Rope rope_plain_, rope_compressed_;
   std::unique_ptr<ExecutorDispatcher> executor_dispatcher_;
   ExpertDispatcher* dispatcher_ = nullptr;
+  std::atomic<int64_t> expert_wait_ns_{0};
 };
 
 }  // namespace expertmesh::model
