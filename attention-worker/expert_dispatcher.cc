@@ -31,8 +31,8 @@ namespace {
 enum class Outcome { kOk, kError, kTimeout, kBroken };
 
 struct Metrics {
-  std::atomic<int64_t> sent{0}, ok{0}, error{0}, timeout{0}, broken{0}, retries{0},
-      items_failed{0}, bytes_sent{0}, bytes_received{0}, streams_opened{0};
+  std::atomic<int64_t> sent{0}, ok{0}, error{0}, timeout{0}, broken{0}, retries{0}, items_failed{0},
+      bytes_sent{0}, bytes_received{0}, streams_opened{0};
   prometheus::Counter* ok_total = nullptr;
   prometheus::Counter* error_total = nullptr;
   prometheus::Counter* timeout_total = nullptr;
@@ -45,10 +45,11 @@ struct Metrics {
   void Register(prometheus::Registry& registry) {
     auto& dispatches = prometheus::BuildCounter()
                            .Name("expertmesh_attention_expert_dispatches_total")
-                           .Help("Expert dispatches (one layer's rows for one expert worker) by "
-                                 "how they ended: ok, error (error reply or malformed outputs), "
-                                 "timeout (no reply within the deadline), unavailable (stream "
-                                 "or connection failed)")
+                           .Help(
+                               "Expert dispatches (one layer's rows for one expert worker) by "
+                               "how they ended: ok, error (error reply or malformed outputs), "
+                               "timeout (no reply within the deadline), unavailable (stream "
+                               "or connection failed)")
                            .Register(registry);
     ok_total = &dispatches.Add({{"result", "ok"}});
     error_total = &dispatches.Add({{"result", "error"}});
@@ -69,9 +70,9 @@ struct Metrics {
                    .Name("expertmesh_attention_expert_dispatch_seconds")
                    .Help("Time from sending a dispatch to its successful reply")
                    .Register(registry)
-                   .Add({}, prometheus::Histogram::BucketBoundaries{
-                                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                                0.5, 1, 2.5, 5, 10});
+                   .Add({}, prometheus::Histogram::BucketBoundaries{0.0005, 0.001, 0.0025, 0.005,
+                                                                    0.01, 0.025, 0.05, 0.1, 0.25,
+                                                                    0.5, 1, 2.5, 5, 10});
   }
 
   void CountOutcome(Outcome outcome) {
@@ -242,7 +243,9 @@ class DispatchStream final
  public:
   DispatchStream(RemoteExpertDispatcher::Core* core, std::string address,
                  std::shared_ptr<grpc::Channel> channel)
-      : core_(core), address_(std::move(address)), channel_(std::move(channel)),
+      : core_(core),
+        address_(std::move(address)),
+        channel_(std::move(channel)),
         created_(absl::Now()) {}
 
   // Binds the call and queues the first read; nothing runs until Activate. The hold keeps the
@@ -384,8 +387,7 @@ class DispatchStream final
       reason = cancel_reason_;
     }
     if (reason.empty()) {
-      reason = status.ok() ? "the worker closed it"
-                           : rpc::FromGrpcStatus(status).ToString();
+      reason = status.ok() ? "the worker closed it" : rpc::FromGrpcStatus(status).ToString();
     }
     const absl::Status failure = absl::UnavailableError(
         absl::StrCat("Dispatch stream to expert worker ", address_, " ended: ", reason));
@@ -412,7 +414,7 @@ class DispatchStream final
   const std::shared_ptr<grpc::Channel> channel_;  // outlives the call
   const absl::Time created_;
   grpc::ClientContext context_;
-  v1::DispatchResponse response_;  // owned by the read in flight
+  v1::DispatchResponse response_;         // owned by the read in flight
   std::shared_ptr<DispatchStream> self_;  // alive until OnDone
 
   absl::Mutex mu_;
@@ -452,8 +454,8 @@ void RemoteExpertDispatcher::Core::Send(const std::string& address, v1::Dispatch
         conn->stream = std::make_shared<DispatchStream>(this, address, conn->channel);
         // Every dispatch is sent before created + lifetime and answered within its deadline,
         // so the stream's own deadline never cuts one short.
-        conn->stream->Prepare(conn->stub.get(), now + options_.stream_lifetime +
-                                                    options_.deadline + absl::Seconds(10));
+        conn->stream->Prepare(conn->stub.get(), now + options_.stream_lifetime + options_.deadline +
+                                                    absl::Seconds(10));
         fresh = conn->stream;
         ++live_streams_;
         ++metrics_.streams_opened;
@@ -508,12 +510,17 @@ class RemotePending final : public model::PendingExperts {
  public:
   using Core = RemoteExpertDispatcher::Core;
 
-  RemotePending(std::shared_ptr<Core> core, int block, int64_t D,
-                std::vector<ExpertWorkItem> items, std::vector<int32_t> compact,
-                std::vector<float> rows)
-      : core_(std::move(core)), block_(block), D_(D), items_(std::move(items)),
-        compact_(std::move(compact)), rows_(std::move(rows)), states_(items_.size()),
-        outputs_(items_.size()), call_(std::make_shared<CallState>()) {}
+  RemotePending(std::shared_ptr<Core> core, int block, int64_t D, std::vector<ExpertWorkItem> items,
+                std::vector<int32_t> compact, std::vector<float> rows)
+      : core_(std::move(core)),
+        block_(block),
+        D_(D),
+        items_(std::move(items)),
+        compact_(std::move(compact)),
+        rows_(std::move(rows)),
+        states_(items_.size()),
+        outputs_(items_.size()),
+        call_(std::make_shared<CallState>()) {}
 
   // Sends every item. False when the dispatcher is shutting down.
   bool Begin() {
@@ -561,10 +568,9 @@ class RemotePending final : public model::PendingExperts {
         a.finished = true;
         --outstanding_;
         core_->metrics().CountOutcome(Outcome::kTimeout);
-        const std::string reason =
-            absl::StrCat("expert worker ", a.address, " did not answer batch ", a.batch_id,
-                         " of layer ", block_, " within ",
-                         absl::FormatDuration(core_->options().deadline));
+        const std::string reason = absl::StrCat(
+            "expert worker ", a.address, " did not answer batch ", a.batch_id, " of layer ", block_,
+            " within ", absl::FormatDuration(core_->options().deadline));
         // A worker that sits on one dispatch is presumed stuck: its stream is cut so that the
         // other dispatches on it fail over now rather than at their own deadlines.
         if (a.stream != nullptr) a.stream->Cancel(reason);
@@ -573,9 +579,8 @@ class RemotePending final : public model::PendingExperts {
       if (!retry.empty()) SendRound(retry, /*retry=*/true);
     }
     if (shutdown_) {
-      return absl::CancelledError(
-          absl::StrCat("the expert dispatcher shut down while layer ", block_,
-                       " was being dispatched"));
+      return absl::CancelledError(absl::StrCat("the expert dispatcher shut down while layer ",
+                                               block_, " was being dispatched"));
     }
     ExpertResults results;
     std::vector<std::string> names;
@@ -661,9 +666,9 @@ class RemotePending final : public model::PendingExperts {
     for (size_t i : items) {
       const std::vector<Replica>& replicas = snapshot->Replicas(block_, items_[i].expert);
       if (replicas.empty()) {
-        FailItem(i, absl::UnavailableError(absl::StrCat(
-                        ExpertName(ExpertKey{block_, items_[i].expert}),
-                        " has no worker in placement version ", snapshot->version())));
+        FailItem(i, absl::UnavailableError(
+                        absl::StrCat(ExpertName(ExpertKey{block_, items_[i].expert}),
+                                     " has no worker in placement version ", snapshot->version())));
         continue;
       }
       // Lowest rank wins; ties go to the router's preferred order.
@@ -750,8 +755,8 @@ class RemotePending final : public model::PendingExperts {
   // Checks a reply against its request and copies the outputs. Nothing is copied unless the
   // whole reply is well formed.
   absl::Status Accept(const Attempt& a, const v1::DispatchResponse& response) {
-    const std::string who = absl::StrCat("expert worker ", a.address, ", batch ", a.batch_id,
-                                         " of layer ", block_);
+    const std::string who =
+        absl::StrCat("expert worker ", a.address, ", batch ", a.batch_id, " of layer ", block_);
     if (response.code() != 0) {
       const int code = response.code();
       const absl::StatusCode status_code =
@@ -761,8 +766,8 @@ class RemotePending final : public model::PendingExperts {
       return absl::Status(status_code, absl::StrCat(who, ": ", response.message()));
     }
     if (response.outputs_size() != static_cast<int>(a.items.size())) {
-      return absl::InternalError(absl::StrCat(who, ": ", response.outputs_size(),
-                                              " outputs for ", a.items.size(), " experts"));
+      return absl::InternalError(absl::StrCat(who, ": ", response.outputs_size(), " outputs for ",
+                                              a.items.size(), " experts"));
     }
     for (size_t j = 0; j < a.items.size(); ++j) {
       const ExpertWorkItem& item = items_[a.items[j]];
@@ -770,17 +775,16 @@ class RemotePending final : public model::PendingExperts {
       const int64_t rows = static_cast<int64_t>(item.rows.size());
       const std::string name = ExpertName(ExpertKey{block_, item.expert});
       if (static_cast<int>(out.expert()) != item.expert) {
-        return absl::InternalError(absl::StrCat(who, ": output ", j, " is expert ", out.expert(),
-                                                ", expected ", name));
+        return absl::InternalError(
+            absl::StrCat(who, ": output ", j, " is expert ", out.expert(), ", expected ", name));
       }
       const v1::Tensor& t = out.outputs();
       if (t.dtype() != v1::DTYPE_F32 || t.shape_size() != 2 || t.shape(0) != rows ||
-          t.shape(1) != D_ ||
-          t.data().size() != static_cast<size_t>(rows * D_) * sizeof(float)) {
-        return absl::InternalError(absl::StrCat(
-            who, ": outputs of ", name, " are not F32 [", rows, ", ", D_, "] (dtype ",
-            v1::DType_Name(t.dtype()), ", shape [", absl::StrJoin(t.shape(), ", "), "], ",
-            t.data().size(), " bytes)"));
+          t.shape(1) != D_ || t.data().size() != static_cast<size_t>(rows * D_) * sizeof(float)) {
+        return absl::InternalError(absl::StrCat(who, ": outputs of ", name, " are not F32 [", rows,
+                                                ", ", D_, "] (dtype ", v1::DType_Name(t.dtype()),
+                                                ", shape [", absl::StrJoin(t.shape(), ", "), "], ",
+                                                t.data().size(), " bytes)"));
       }
     }
     for (size_t j = 0; j < a.items.size(); ++j) {
@@ -823,9 +827,9 @@ RemoteExpertDispatcher::~RemoteExpertDispatcher() { core_->Shutdown(); }
 absl::StatusOr<std::unique_ptr<model::PendingExperts>> RemoteExpertDispatcher::Start(
     int block, const float* x, int64_t n, int64_t D, std::vector<ExpertWorkItem> items) {
   if (x == nullptr || n < 1 || D < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("expert dispatch of layer ", block, " needs x [n >= 1, D >= 1], got [",
-                     n, ", ", D, "]", x == nullptr ? " (null)" : ""));
+    return absl::InvalidArgumentError(absl::StrCat("expert dispatch of layer ", block,
+                                                   " needs x [n >= 1, D >= 1], got [", n, ", ", D,
+                                                   "]", x == nullptr ? " (null)" : ""));
   }
   std::vector<int32_t> compact(static_cast<size_t>(n), -1);
   int32_t used = 0;
@@ -833,16 +837,15 @@ absl::StatusOr<std::unique_ptr<model::PendingExperts>> RemoteExpertDispatcher::S
   for (const ExpertWorkItem& item : items) {
     const std::string name = ExpertName(ExpertKey{block, item.expert});
     if (item.expert < 0 || item.expert <= previous) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "expert dispatch items must have ascending expert ids: ", name, " after expert ",
-          previous));
+      return absl::InvalidArgumentError(
+          absl::StrCat("expert dispatch items must have ascending expert ids: ", name,
+                       " after expert ", previous));
     }
     previous = item.expert;
     if (item.rows.empty()) return absl::InvalidArgumentError(name + " has no rows");
     if (item.weights.size() != item.rows.size()) {
-      return absl::InvalidArgumentError(absl::StrCat(name, " has ", item.rows.size(),
-                                                     " rows but ", item.weights.size(),
-                                                     " weights"));
+      return absl::InvalidArgumentError(absl::StrCat(name, " has ", item.rows.size(), " rows but ",
+                                                     item.weights.size(), " weights"));
     }
     for (int64_t r : item.rows) {
       if (r < 0 || r >= n) {
@@ -861,8 +864,8 @@ absl::StatusOr<std::unique_ptr<model::PendingExperts>> RemoteExpertDispatcher::S
   auto pending = std::make_unique<RemotePending>(core_, block, D, std::move(items),
                                                  std::move(compact), std::move(rows));
   if (!pending->Begin()) {
-    return absl::CancelledError(absl::StrCat(
-        "the expert dispatcher is shutting down (layer ", block, " not dispatched)"));
+    return absl::CancelledError(
+        absl::StrCat("the expert dispatcher is shutting down (layer ", block, " not dispatched)"));
   }
   return pending;
 }

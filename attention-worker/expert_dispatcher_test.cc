@@ -18,18 +18,18 @@
 #include "absl/synchronization/mutex.h"
 #include "attention-worker/placement_client.h"
 #include "core/model/checkpoint.h"
-#include "core/rpc/channel.h"
 #include "core/model/model_maker.h"
 #include "core/model/moe.h"
 #include "core/model/weights.h"
+#include "core/rpc/channel.h"
 #include "expert-worker/expert_worker_service.h"
 #include "expertmesh/v1/expert_worker.grpc.pb.h"
 #include "expertmesh/v1/router.grpc.pb.h"
 #include "gmock/gmock.h"
 #include "grpcpp/security/server_credentials.h"
-#include "prometheus/registry.h"
 #include "grpcpp/server_builder.h"
 #include "gtest/gtest.h"
+#include "prometheus/registry.h"
 
 namespace expertmesh::attention_worker {
 namespace {
@@ -159,9 +159,9 @@ class FakeExpertWorker final : public v1::ExpertWorker::Service {
         gathered.insert(gathered.end(), x + r * D, x + (r + 1) * D);
       }
       const int64_t rows = batch.rows_size();
-      auto out = Compute(*model_, static_cast<int>(request.layer()),
-                         static_cast<int>(batch.expert()), gathered.data(), rows,
-                         batch.weights().data());
+      auto out =
+          Compute(*model_, static_cast<int>(request.layer()), static_cast<int>(batch.expert()),
+                  gathered.data(), rows, batch.weights().data());
       if (!out.ok()) {
         response.clear_outputs();
         response.set_code(static_cast<int>(out.status().code()));
@@ -270,8 +270,7 @@ std::unique_ptr<Server> Serve(grpc::Service* service, int port = 0) {
 // A table of `version` placing expert e of kBlock on worker ids placement(e) (ids are 1-based
 // indexes into `addresses`); experts with no ids are left out.
 v1::PlacementTable Table(uint64_t version, const std::vector<std::string>& addresses,
-                         const std::function<std::vector<uint64_t>(int)>& placement,
-                         int experts) {
+                         const std::function<std::vector<uint64_t>(int)>& placement, int experts) {
   v1::PlacementTable table;
   table.set_version(version);
   for (size_t i = 0; i < addresses.size(); ++i) {
@@ -332,8 +331,8 @@ std::vector<float> Expected(const TestModel& m, int block, const Inputs& in,
   for (int64_t r : item.rows) {
     gathered.insert(gathered.end(), in.x.begin() + r * m.D, in.x.begin() + (r + 1) * m.D);
   }
-  auto out = Compute(m, block, item.expert, gathered.data(),
-                     static_cast<int64_t>(item.rows.size()), item.weights.data());
+  auto out = Compute(m, block, item.expert, gathered.data(), static_cast<int64_t>(item.rows.size()),
+                     item.weights.data());
   EXPECT_TRUE(out.ok()) << out.status();
   return out.ok() ? *out : std::vector<float>();
 }
@@ -346,14 +345,13 @@ void ExpectExact(const TestModel& m, const Inputs& in, const model::ExpertResult
   ASSERT_EQ(results.outputs[i].size(), expected.size()) << "item " << i;
   // An all-zero expert would make the comparison vacuous.
   ASSERT_TRUE(std::any_of(expected.begin(), expected.end(), [](float v) { return v != 0; }));
-  EXPECT_EQ(std::memcmp(results.outputs[i].data(), expected.data(),
-                        expected.size() * sizeof(float)),
-            0)
+  EXPECT_EQ(
+      std::memcmp(results.outputs[i].data(), expected.data(), expected.size() * sizeof(float)), 0)
       << "item " << i << " (expert " << in.items[i].expert << ") differs from RunExpert";
 }
 
 absl::StatusOr<model::ExpertResults> Dispatch(RemoteExpertDispatcher& dispatcher, const Inputs& in,
-                                         int64_t D) {
+                                              int64_t D) {
   auto pending = dispatcher.Start(kBlock, in.x.data(), in.n, D, in.items);
   if (!pending.ok()) return pending.status();
   return (*pending)->Wait();
@@ -477,7 +475,13 @@ TEST_F(DispatchFixture, AWorkerAnsweringErrorsIsRetriedOnTheReplica) {
   PlacementClientOptions popts;
   popts.registry = &registry;
   PlacementClient placement(router_server_->address(), popts);
-  Publish(Table(1, addresses_, [](int) { return std::vector<uint64_t>{1, 2}; }, E), placement);
+  Publish(Table(
+              1, addresses_,
+              [](int) {
+                return std::vector<uint64_t>{1, 2};
+              },
+              E),
+          placement);
   ExpertDispatcherOptions options;
   options.registry = &registry;
   RemoteExpertDispatcher dispatcher(&placement, options);
@@ -500,16 +504,15 @@ TEST_F(DispatchFixture, AWorkerAnsweringErrorsIsRetriedOnTheReplica) {
   EXPECT_EQ(workers_[0]->requests().size(), 1u);
   EXPECT_EQ(workers_[1]->requests().size(), 2u);
 
-  EXPECT_EQ(MetricValue(registry, "expertmesh_attention_expert_dispatches_total", "result",
-                        "error"),
-            1);
+  EXPECT_EQ(
+      MetricValue(registry, "expertmesh_attention_expert_dispatches_total", "result", "error"), 1);
   EXPECT_EQ(MetricValue(registry, "expertmesh_attention_expert_dispatches_total", "result", "ok"),
             2);
   EXPECT_EQ(MetricValue(registry, "expertmesh_attention_expert_dispatch_retries_total"), 1);
   EXPECT_EQ(MetricValue(registry, "expertmesh_attention_expert_dispatch_seconds"), 2);
-  EXPECT_EQ(MetricValue(registry, "expertmesh_attention_expert_wire_bytes_total", "direction",
-                        "sent"),
-            static_cast<double>(dispatcher.stats().wire_bytes_sent));
+  EXPECT_EQ(
+      MetricValue(registry, "expertmesh_attention_expert_wire_bytes_total", "direction", "sent"),
+      static_cast<double>(dispatcher.stats().wire_bytes_sent));
   EXPECT_GT(MetricValue(registry, "expertmesh_attention_expert_wire_bytes_total", "direction",
                         "received"),
             0);
@@ -519,7 +522,13 @@ TEST_F(DispatchFixture, AWorkerAnsweringErrorsIsRetriedOnTheReplica) {
 TEST_F(DispatchFixture, AWorkerThatDiesIsRetriedOnTheReplica) {
   const int E = model_->experts;
   PlacementClient placement(router_server_->address());
-  Publish(Table(1, addresses_, [](int) { return std::vector<uint64_t>{1, 2}; }, E), placement);
+  Publish(Table(
+              1, addresses_,
+              [](int) {
+                return std::vector<uint64_t>{1, 2};
+              },
+              E),
+          placement);
   RemoteExpertDispatcher dispatcher(&placement);
 
   const Inputs in = MakeInputs(6, model_->D, {0, 3, 8, 12}, 4);
@@ -615,7 +624,9 @@ TEST_F(DispatchFixture, PlacementVersionsArePickedUpAndNeverGoBackwards) {
   popts.initial_backoff = absl::Milliseconds(20);
   popts.max_backoff = absl::Milliseconds(200);
   PlacementClient placement(router_server_->address(), popts);
-  Publish(Table(2, addresses_, [](int) { return std::vector<uint64_t>{1}; }, E), placement);
+  Publish(Table(
+              2, addresses_, [](int) { return std::vector<uint64_t>{1}; }, E),
+          placement);
   RemoteExpertDispatcher dispatcher(&placement);
   const Inputs in = MakeInputs(3, model_->D, {0, 1}, 7);
   ASSERT_TRUE(Dispatch(dispatcher, in, model_->D).ok());
@@ -623,7 +634,9 @@ TEST_F(DispatchFixture, PlacementVersionsArePickedUpAndNeverGoBackwards) {
   EXPECT_EQ(workers_[0]->requests()[0].placement_version(), 2u);
 
   // Version 3 moves everything to worker 2: the next call follows it.
-  Publish(Table(3, addresses_, [](int) { return std::vector<uint64_t>{2}; }, E), placement);
+  Publish(Table(
+              3, addresses_, [](int) { return std::vector<uint64_t>{2}; }, E),
+          placement);
   auto moved = Dispatch(dispatcher, in, model_->D);
   ASSERT_TRUE(moved.ok()) << moved.status();
   for (size_t i = 0; i < in.items.size(); ++i) ExpectExact(*model_, in, *moved, i);
@@ -637,7 +650,8 @@ TEST_F(DispatchFixture, PlacementVersionsArePickedUpAndNeverGoBackwards) {
   router_.Stop();
   router_server_->Stop();
   FakeRouter restarted;
-  restarted.SetTable(Table(1, addresses_, [](int) { return std::vector<uint64_t>{1}; }, E));
+  restarted.SetTable(Table(
+      1, addresses_, [](int) { return std::vector<uint64_t>{1}; }, E));
   auto restarted_server = Serve(&restarted, port);
   ASSERT_NE(restarted_server, nullptr);
   const absl::Time until = absl::Now() + absl::Seconds(20);
@@ -649,7 +663,8 @@ TEST_F(DispatchFixture, PlacementVersionsArePickedUpAndNeverGoBackwards) {
   EXPECT_THAT(restarted.known_versions(), ::testing::Contains(3u));
   EXPECT_GE(placement.stats().watches_opened, 2);
 
-  restarted.SetTable(Table(4, addresses_, [](int) { return std::vector<uint64_t>{1}; }, E));
+  restarted.SetTable(Table(
+      4, addresses_, [](int) { return std::vector<uint64_t>{1}; }, E));
   EXPECT_TRUE(placement.WaitForVersion(4, absl::Seconds(20)));
   {
     // on_version runs just after the version is installed.
@@ -684,7 +699,9 @@ TEST_F(DispatchFixture, WaitForPlacementNamesWhatIsMissing) {
 TEST_F(DispatchFixture, DestroyingTheDispatcherWithCallsInFlightDoesNotWaitForThem) {
   const int E = model_->experts;
   auto placement = std::make_unique<PlacementClient>(router_server_->address());
-  Publish(Table(1, addresses_, [](int) { return std::vector<uint64_t>{1}; }, E), *placement);
+  Publish(Table(
+              1, addresses_, [](int) { return std::vector<uint64_t>{1}; }, E),
+          *placement);
   workers_[0]->silent_ = true;
   ExpertDispatcherOptions options;
   options.deadline = absl::Minutes(5);
@@ -713,7 +730,9 @@ TEST_F(DispatchFixture, ConcurrentCallsAreAllExact) {
   PlacementClient placement(router_server_->address());
   Publish(Table(
               1, addresses_,
-              [](int e) { return std::vector<uint64_t>{e % 2 == 0 ? 1u : 2u, e % 2 == 0 ? 2u : 1u}; },
+              [](int e) {
+                return std::vector<uint64_t>{e % 2 == 0 ? 1u : 2u, e % 2 == 0 ? 2u : 1u};
+              },
               E),
           placement);
   workers_[0]->delay_ms_ = 5;  // replies overlap and come back while others are queued
@@ -757,8 +776,8 @@ TEST_F(DispatchFixture, RejectsMalformedItemsNamingTheExpert) {
   EXPECT_THAT(std::string(out_of_range.status().message()), HasSubstr("(layer 1, expert 6)"));
 
   Inputs unordered = MakeInputs(4, model_->D, {6, 2}, 9);
-  auto descending = dispatcher.Start(kBlock, unordered.x.data(), unordered.n, model_->D,
-                                     unordered.items);
+  auto descending =
+      dispatcher.Start(kBlock, unordered.x.data(), unordered.n, model_->D, unordered.items);
   EXPECT_EQ(descending.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(descending.status().message()), HasSubstr("ascending"));
 }
@@ -790,7 +809,8 @@ TEST_F(DispatchFixture, TheRealExpertWorkerServiceAnswersExactly) {
     ASSERT_TRUE(status.ok()) << status.error_message();
   }
   PlacementClient placement(router_server_->address());
-  Publish(Table(1, {server->address()}, [](int) { return std::vector<uint64_t>{1}; }, E),
+  Publish(Table(
+              1, {server->address()}, [](int) { return std::vector<uint64_t>{1}; }, E),
           placement);
   RemoteExpertDispatcher dispatcher(&placement);
   const Inputs in = MakeInputs(9, model_->D, {0, 2, 5, 11, 14}, 10);

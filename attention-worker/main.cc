@@ -13,6 +13,8 @@
 #include "core/base/log.h"
 #include "core/kernels/matmul.h"
 #include "core/model/model.h"
+#include "core/model/weights.h"
+#include "prometheus/gauge.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
 #include "core/rpc/worker_capacity.h"
@@ -67,6 +69,13 @@ int main(int argc, char** argv) {
     auto loaded = model::Model::Load(model_dir, lo);
     if (!loaded.ok()) return rpc::ReportSetupError("expertmesh-attention-worker", loaded.status());
     model = std::move(*loaded);
+    prometheus::BuildGauge()
+        .Name("expertmesh_attention_resident_weight_bytes")
+        .Help("Bytes of the weights this attention worker holds (everything but the routed "
+              "experts, unless --local-experts)")
+        .Register(p->registry())
+        .Add({})
+        .Set(static_cast<double>(model::ResidentWeightBytes(model->weights())));
   }
   attention_worker::AttentionWorkerService service(nullptr);
   p->AddService(&service);

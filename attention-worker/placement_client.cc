@@ -70,8 +70,9 @@ PlacementClient::PlacementClient(std::string router_address, PlacementClientOpti
   if (options_.registry != nullptr) {
     version_gauge_ = &prometheus::BuildGauge()
                           .Name("expertmesh_attention_placement_version")
-                          .Help("Newest expert placement table version this attention worker "
-                                "holds (dispatches use it from their next start)")
+                          .Help(
+                              "Newest expert placement table version this attention worker "
+                              "holds (dispatches use it from their next start)")
                           .Register(*options_.registry)
                           .Add({});
   }
@@ -118,13 +119,12 @@ absl::Status PlacementClient::WaitForPlacement(absl::Duration timeout,
     // here). `held` keeps the old snapshot alive, so its address cannot be reused meanwhile.
     const std::shared_ptr<const PlacementSnapshot> held = current_;
     Arg arg{this, held.get()};
-    const bool changed = mu_.AwaitWithDeadline(
-        absl::Condition(
-            +[](Arg* a) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-              return a->self->current_.get() != a->held;
-            },
-            &arg),
-        deadline);
+    const bool changed = mu_.AwaitWithDeadline(absl::Condition(
+                                                   +[](Arg* a) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                                     return a->self->current_.get() != a->held;
+                                                   },
+                                                   &arg),
+                                               deadline);
     if (!changed) break;
   }
   if (ready()) return absl::OkStatus();
@@ -149,13 +149,12 @@ bool PlacementClient::WaitForVersion(uint64_t version, absl::Duration timeout) c
     const PlacementClient* self;
     uint64_t version;
   } arg{this, version};
-  return mu_.AwaitWithTimeout(
-      absl::Condition(
-          +[](Arg* a) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return a->self->current_->version() >= a->version;
-          },
-          &arg),
-      timeout);
+  return mu_.AwaitWithTimeout(absl::Condition(
+                                  +[](Arg* a) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                    return a->self->current_->version() >= a->version;
+                                  },
+                                  &arg),
+                              timeout);
 }
 
 bool PlacementClient::BeginCall(grpc::ClientContext* context) {

@@ -11,7 +11,7 @@
 #include "core/engine/engine.h"
 #include "core/kernels/matmul.h"
 #include "core/model/model.h"
-#include "core/rpc/service_flags.h"
+#include "core/base/flags.h"
 #include "core/rpc/service_process.h"
 
 namespace expertmesh::cli {
@@ -19,7 +19,7 @@ namespace expertmesh::cli {
 int RunGenerate(int argc, char** argv) {
   std::string model_dir, ids_text, temperature = "0", top_p = "1";
   int64_t max_new = 16, seed = 0, top_k = 0, threads = 0, chunk = 0, stop = -1, cluster = 0;
-  rpc::FlagSet flags(
+  base::FlagSet flags(
       "expertmesh generate --model DIR --ids 1,2,3 --max-new N [--temperature T --seed S "
       "--top-p P --top-k K] [--threads T] [--chunk C] [--stop ID] [--cluster N]",
       "Prefills the prompt ids, then samples up to N new tokens (greedy when --temperature is "

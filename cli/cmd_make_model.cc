@@ -10,7 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "cli/commands.h"
 #include "core/model/model_maker.h"
-#include "core/rpc/service_flags.h"
+#include "core/base/flags.h"
 #include "core/rpc/service_process.h"
 
 namespace expertmesh::cli {
@@ -48,7 +48,7 @@ int RunMakeModel(int argc, char** argv) {
   for (const model::ModelPreset& p : model::ListModelPresets()) {
     absl::StrAppend(&summary, "\n  ", p.name, ": ", p.summary);
   }
-  rpc::FlagSet flags("expertmesh make-model --out DIR [--preset NAME] [--seed N] [--force]",
+  base::FlagSet flags("expertmesh make-model --out DIR [--preset NAME] [--seed N] [--force]",
                      summary);
   flags.AddString("preset", &preset, "model preset (see the list above)");
   flags.AddInt("seed", &seed, "random seed (>= 0)");

@@ -8,7 +8,7 @@
 #include "core/engine/score.h"
 #include "core/kernels/matmul.h"
 #include "core/model/model.h"
-#include "core/rpc/service_flags.h"
+#include "core/base/flags.h"
 #include "core/rpc/service_process.h"
 
 namespace expertmesh::cli {
@@ -18,7 +18,7 @@ int RunScore(int argc, char** argv) {
   int64_t prefill = 0, threads = 0, chunk = 0;
   bool mtp = false, batch_sequences = false;
   int64_t cluster = 0;
-  rpc::FlagSet flags(
+  base::FlagSet flags(
       "expertmesh score --model DIR --input IN.safetensors --prefill N --out OUT.safetensors "
       "[--mtp] [--threads T] [--chunk C] [--batch-sequences] [--cluster N]",
       "Reads input_ids (I32 [batch, tokens]) and writes logits (F32 [batch, tokens, vocab]): one "

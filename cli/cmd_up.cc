@@ -15,7 +15,7 @@
 #include "cli/commands.h"
 #include "cli/local_cluster.h"
 #include "core/model/model_maker.h"
-#include "core/rpc/service_flags.h"
+#include "core/base/flags.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
 
@@ -70,7 +70,7 @@ int RunUp(int argc, char** argv) {
   std::string model_dir = repo + "/var/models/tiny";
   std::string log_dir = repo + "/var/log/up";
   std::string run_dir = repo + "/var/run";
-  rpc::FlagSet flags("expertmesh up",
+  base::FlagSet flags("expertmesh up",
                      "Starts router, kv-store, A attention workers, E expert workers and the "
                      "gateway on loopback, writes <run-dir>/cluster.json, restarts services that "
                      "die, and stops them all on Ctrl-C or SIGTERM.");

@@ -265,6 +265,13 @@ absl::Status LocalCluster::Plan() {
   if (!o.model_dir.empty() && BinaryHasFlag(router.binary, "model")) {
     router.args.push_back("--model=" + o.model_dir);
   }
+  // A restarted router then keeps its placement version even with no worker left to tell it.
+  if (!o.run_dir.empty() && !o.model_dir.empty() && BinaryHasFlag(router.binary, "state-dir")) {
+    const std::string state = o.run_dir + "/router";
+    std::error_code ec;
+    std::filesystem::create_directories(state, ec);
+    router.args.push_back("--state-dir=" + state);
+  }
   router.args.insert(router.args.end(), o.extra_router_args.begin(), o.extra_router_args.end());
   for (size_t i = 1; i < members_.size(); ++i) {
     ClusterMember& m = members_[i];

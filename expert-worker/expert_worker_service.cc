@@ -18,28 +18,7 @@ namespace {
 using expertmesh::v1::DispatchRequest;
 using expertmesh::v1::DispatchResponse;
 
-// Bytes a weight view spans in memory: the codes plus their scales.
-uint64_t MatrixBytes(const kernels::WeightMatrix& w) {
-  uint64_t elems = static_cast<uint64_t>(w.rows) * static_cast<uint64_t>(w.cols);
-  uint64_t bytes = 0;
-  switch (w.format) {
-    case kernels::WeightFormat::kF32: bytes = elems * 4; break;
-    case kernels::WeightFormat::kBF16: bytes = elems * 2; break;
-    case kernels::WeightFormat::kFP8E4M3: bytes = elems; break;
-    case kernels::WeightFormat::kFP4E2M1: bytes = (elems + 1) / 2; break;
-  }
-  uint64_t scale_size = w.scale_format == kernels::ScaleFormat::kE8M0  ? 1
-                        : w.scale_format == kernels::ScaleFormat::kF32 ? 4
-                                                                       : 0;
-  uint64_t scales = 0;
-  if (w.format == kernels::WeightFormat::kFP8E4M3) {
-    scales = static_cast<uint64_t>((w.rows + w.block_rows - 1) / w.block_rows) *
-             static_cast<uint64_t>((w.cols + w.block_cols - 1) / w.block_cols);
-  } else if (w.format == kernels::WeightFormat::kFP4E2M1) {
-    scales = static_cast<uint64_t>(w.rows) * static_cast<uint64_t>(w.cols / 32);
-  }
-  return bytes + scales * scale_size;
-}
+using kernels::MatrixBytes;
 
 std::string ExpertName(int layer, int expert) {
   return absl::StrCat("(layer ", layer, ", expert ", expert, ")");

@@ -1,6 +1,7 @@
 // expertmesh-expert-worker: hosts a shard of routed experts; registers with the router.
 #include <string>
 
+#include "core/base/flags.h"
 #include "core/kernels/matmul.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
@@ -16,7 +17,7 @@ int main(int argc, char** argv) {
   int64_t inject_delay_ms = 0;
   int64_t drain_timeout_ms = 30000;
   int64_t threads = 0;
-  rpc::FlagSet flags("expertmesh-expert-worker",
+  base::FlagSet flags("expertmesh-expert-worker",
                      "Hosts a shard of routed experts and computes batched expert FFNs.");
   common.Register(flags, /*with_router=*/true);
   capacity.Register(flags, /*with_max_experts=*/true);

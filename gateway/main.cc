@@ -1,6 +1,7 @@
 // expertmesh-gateway: the HTTP API (Boost.Beast) and the public gRPC API of the cluster.
 #include <cstdio>
 
+#include "core/base/flags.h"
 #include "core/rpc/channel.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
@@ -18,7 +19,7 @@ int main(int argc, char** argv) {
   std::string model_dir;
   std::string model_name;
   bool register_with_router = true;
-  rpc::FlagSet flags("expertmesh-gateway",
+  base::FlagSet flags("expertmesh-gateway",
                      "The cluster's HTTP API (OpenAI / Anthropic shaped) and public gRPC API.");
   common.Register(flags, /*with_router=*/true);
   flags.AddString("http-host", &http_host, "IP address the HTTP API listens on");

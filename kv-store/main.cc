@@ -1,4 +1,5 @@
 // expertmesh-kv-store: per-sequence state blocks and the prefix index; registers with the router.
+#include "core/base/flags.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
 #include "core/rpc/worker_capacity.h"
@@ -9,7 +10,7 @@ int main(int argc, char** argv) {
   rpc::BlockTerminationSignals();
   rpc::CommonFlags common;
   rpc::CapacityFlags capacity;
-  rpc::FlagSet flags("expertmesh-kv-store",
+  base::FlagSet flags("expertmesh-kv-store",
                      "Stores per-sequence model state in 128-token blocks with a prefix index.");
   common.Register(flags, /*with_router=*/true);
   capacity.Register(flags, /*with_max_experts=*/false);

@@ -4,6 +4,7 @@
 #include <optional>
 #include <string>
 
+#include "core/base/flags.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
 #include "router/placement.h"
@@ -27,7 +28,7 @@ int main(int argc, char** argv) {
   std::string placement_file;
   std::string state_dir;
   int64_t load_timeout_ms = 60000;
-  rpc::FlagSet flags("expertmesh-router",
+  base::FlagSet flags("expertmesh-router",
                      "The expertmesh control plane: worker membership with heartbeat leases and "
                      "the expert placement table.");
   common.Register(flags, /*with_router=*/false);

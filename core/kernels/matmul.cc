@@ -211,4 +211,34 @@ void MatMul(const WeightMatrix& w, const float* x, int64_t n, float* y) {
   pool.Run(job.tasks, &RunMatMulTask, &job);
 }
 
+uint64_t MatrixBytes(const WeightMatrix& w) {
+  const uint64_t elems = static_cast<uint64_t>(w.rows) * static_cast<uint64_t>(w.cols);
+  uint64_t bytes = 0;
+  switch (w.format) {
+    case WeightFormat::kF32:
+      bytes = elems * 4;
+      break;
+    case WeightFormat::kBF16:
+      bytes = elems * 2;
+      break;
+    case WeightFormat::kFP8E4M3:
+      bytes = elems;
+      break;
+    case WeightFormat::kFP4E2M1:
+      bytes = (elems + 1) / 2;
+      break;
+  }
+  const uint64_t scale_size = w.scale_format == ScaleFormat::kE8M0  ? 1
+                              : w.scale_format == ScaleFormat::kF32 ? 4
+                                                                    : 0;
+  uint64_t scales = 0;
+  if (w.format == WeightFormat::kFP8E4M3 && w.block_rows > 0 && w.block_cols > 0) {
+    scales = static_cast<uint64_t>((w.rows + w.block_rows - 1) / w.block_rows) *
+             static_cast<uint64_t>((w.cols + w.block_cols - 1) / w.block_cols);
+  } else if (w.format == WeightFormat::kFP4E2M1) {
+    scales = static_cast<uint64_t>(w.rows) * static_cast<uint64_t>(w.cols / 32);
+  }
+  return bytes + scales * scale_size;
+}
+
 }  // namespace expertmesh::kernels

@@ -87,6 +87,9 @@ int KernelThreads();
 // Scalar reference implementation: the oracle for every SIMD variant. Single-threaded.
 void MatMulReference(const WeightMatrix& w, const float* x, int64_t n, float* y);
 
+// Bytes the matrix spans in memory: its codes plus its scales.
+uint64_t MatrixBytes(const WeightMatrix& w);
+
 // Writes row `row` of W dequantized to float32 into out[cols] (embedding lookup).
 void DequantizeRow(const WeightMatrix& w, int64_t row, float* out);
 

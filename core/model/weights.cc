@@ -184,6 +184,54 @@ bool SliceRows(const WeightMatrix& w, int64_t r0, int64_t n, WeightMatrix* out) 
   return false;
 }
 
+namespace {
+
+uint64_t VecBytes(const std::vector<float>& v) { return v.size() * sizeof(float); }
+
+uint64_t ExpertBytes(const std::optional<ExpertWeights>& e) {
+  if (!e) return 0;
+  return kernels::MatrixBytes(e->w1) + kernels::MatrixBytes(e->w3) + kernels::MatrixBytes(e->w2);
+}
+
+uint64_t CompressorBytes(const CompressorWeights& c) {
+  return VecBytes(c.ape) + kernels::MatrixBytes(c.wkv) + kernels::MatrixBytes(c.wgate) +
+         VecBytes(c.norm);
+}
+
+uint64_t HcBytes(const HcWeights& h) {
+  return kernels::MatrixBytes(h.fn) + VecBytes(h.base) + VecBytes(h.scale);
+}
+
+uint64_t BlockBytes(const BlockWeights& b) {
+  const AttentionWeights& a = b.attn;
+  uint64_t n = VecBytes(b.attn_norm) + VecBytes(b.ffn_norm) + HcBytes(b.hc_attn) +
+               HcBytes(b.hc_ffn) + VecBytes(a.attn_sink) + kernels::MatrixBytes(a.wq_a) +
+               VecBytes(a.q_norm) + kernels::MatrixBytes(a.wq_b) + kernels::MatrixBytes(a.wkv) +
+               VecBytes(a.kv_norm) + kernels::MatrixBytes(a.wo_a) + kernels::MatrixBytes(a.wo_b);
+  if (a.compressor) n += CompressorBytes(*a.compressor);
+  if (a.indexer) {
+    n += kernels::MatrixBytes(a.indexer->wq_b) + kernels::MatrixBytes(a.indexer->weights_proj) +
+         CompressorBytes(a.indexer->compressor);
+  }
+  n += kernels::MatrixBytes(b.moe.gate) + VecBytes(b.moe.bias) +
+       b.moe.tid2eid.size() * sizeof(int32_t) + ExpertBytes(b.moe.shared);
+  for (const auto& e : b.moe.experts) n += ExpertBytes(e);
+  return n;
+}
+
+}  // namespace
+
+uint64_t ResidentWeightBytes(const ModelWeights& w) {
+  uint64_t n = kernels::MatrixBytes(w.embed) + kernels::MatrixBytes(w.head) + VecBytes(w.norm) +
+               HcBytes(w.hc_head);
+  for (const BlockWeights& b : w.layers) n += BlockBytes(b);
+  for (const MtpWeights& m : w.mtp) {
+    n += BlockBytes(m.block) + kernels::MatrixBytes(m.e_proj) + kernels::MatrixBytes(m.h_proj) +
+         VecBytes(m.enorm) + VecBytes(m.hnorm) + VecBytes(m.norm) + HcBytes(m.hc_head);
+  }
+  return n;
+}
+
 absl::StatusOr<ModelWeights> LoadModelWeights(const Checkpoint& ckpt, const LoadOptions& options) {
   return Loader(ckpt).Model(options);
 }

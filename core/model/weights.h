@@ -108,6 +108,10 @@ bool SliceRows(const kernels::WeightMatrix& w, int64_t r0, int64_t n, kernels::W
 // tensor (missing, wrong shape or dtype). The Checkpoint must outlive the result.
 absl::StatusOr<ModelWeights> LoadModelWeights(const Checkpoint& ckpt, const LoadOptions& options);
 
+// Bytes of every weight loaded (matrix codes and scales, norms, biases): what this process
+// holds resident once the pages are touched.
+uint64_t ResidentWeightBytes(const ModelWeights& w);
+
 // One routed expert's weights (for an expert worker that hosts only some experts).
 absl::StatusOr<ExpertWeights> LoadExpertWeights(const Checkpoint& ckpt, int block, int expert);
 

@@ -1,4 +1,4 @@
-#include "core/rpc/service_flags.h"
+#include "core/base/flags.h"
 
 #include <cerrno>
 #include <cstdlib>
@@ -9,7 +9,7 @@
 #include "core/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
-namespace expertmesh::rpc {
+namespace expertmesh::base {
 
 FlagSet::FlagSet(std::string program, std::string summary)
     : program_(std::move(program)), summary_(std::move(summary)) {}
@@ -117,9 +117,9 @@ absl::Status ParseConfigText(std::string_view text, std::map<std::string, std::s
 }
 
 absl::Status FlagSet::LoadConfig(const std::string& path) {
-  EM_ASSIGN_OR_RETURN(std::string text, base::ReadFileToString(path));
+  EM_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
   std::map<std::string, std::string> values;
-  EM_RETURN_IF_ERROR(base::Annotate(ParseConfigText(text, &values), "config file " + path));
+  EM_RETURN_IF_ERROR(Annotate(ParseConfigText(text, &values), "config file " + path));
   for (const auto& [k, v] : values) EM_RETURN_IF_ERROR(Set(k, v, "config file " + path));
   return absl::OkStatus();
 }
@@ -165,4 +165,4 @@ absl::Status FlagSet::Parse(int argc, char** argv) {
   return absl::OkStatus();
 }
 
-}  // namespace expertmesh::rpc
+}  // namespace expertmesh::base

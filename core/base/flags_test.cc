@@ -1,4 +1,4 @@
-#include "core/rpc/service_flags.h"
+#include "core/base/flags.h"
 
 #include <map>
 #include <string>
@@ -7,7 +7,7 @@
 #include "core/base/mapped_file.h"
 #include "gtest/gtest.h"
 
-namespace expertmesh::rpc {
+namespace expertmesh::base {
 namespace {
 
 struct Args {
@@ -90,4 +90,4 @@ TEST(ConfigTextTest, RejectsMalformedLines) {
 }
 
 }  // namespace
-}  // namespace expertmesh::rpc
+}  // namespace expertmesh::base
