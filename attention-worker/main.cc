@@ -91,9 +91,14 @@ int main(int argc, char** argv) {
   so.state_memory_bytes = state_mb << 20;
   so.micro_batches = static_cast<int>(micro_batches);
   so.default_max_new_tokens = default_max_new;
+  // Overall health is liveness; the AttentionWorker service's health is readiness: SERVING
+  // only once sequences can run.
+  constexpr char kServiceName[] = "expertmesh.v1.AttentionWorker";
+  p->server()->GetHealthCheckService()->SetServingStatus(kServiceName, false);
   auto start_scheduler = [&] {
     scheduler = std::make_unique<attention_worker::Scheduler>(model.get(), so, &p->registry());
     service.set_scheduler(scheduler.get());
+    p->server()->GetHealthCheckService()->SetServingStatus(kServiceName, true);
     base::LogInfo("ready to run sequences");
   };
   // The worker serves (health, status) at once; Generate answers UNAVAILABLE until a placement

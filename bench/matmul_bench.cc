@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "core/base/hash.h"
 #include "core/kernels/matmul.h"
 #include "core/kernels/thread_pool.h"
 
@@ -78,10 +79,8 @@ void FillRandomBytes(uint8_t* p, size_t size, uint64_t seed) {
   const int64_t words = static_cast<int64_t>(size / 8);
   ParallelFor(words, 1 << 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      uint64_t z = seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(i + 1);
-      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-      z ^= z >> 31;
+      const uint64_t z =
+          base::Mix64(seed + base::kSplitMix64Gamma * static_cast<uint64_t>(i + 1));
       std::memcpy(p + 8 * i, &z, 8);
     }
   });

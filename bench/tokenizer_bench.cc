@@ -16,14 +16,15 @@
 #include <string>
 #include <vector>
 
+#include "core/base/random.h"
+#include "core/base/utf8.h"
 #include "core/tokenizer/pretokenizer.h"
 #include "core/tokenizer/tokenizer.h"
-#include "core/tokenizer/utf8.h"
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
-using expertmesh::tokenizer::AppendCodePoint;
+using expertmesh::base::AppendCodePoint;
 using expertmesh::tokenizer::Tokenizer;
 
 double Seconds(Clock::time_point a, Clock::time_point b) {
@@ -32,13 +33,8 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 
 // splitmix64: the same corpus on every machine and compiler.
 struct Rng {
-  uint64_t s;
-  uint64_t Next() {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-  }
+  expertmesh::base::SplitMix64 gen;
+  uint64_t Next() { return gen.Next(); }
   size_t Below(size_t n) { return static_cast<size_t>(Next() % n); }
   template <typename T, size_t N>
   const T& Pick(const T (&a)[N]) {
@@ -262,7 +258,7 @@ std::vector<std::string> MakeCorpus(size_t min_bytes, const std::string& vectors
     auto j = nlohmann::json::parse(line, nullptr, false);
     if (j.is_object() && j.contains("text")) vector_texts.push_back(j["text"].get<std::string>());
   }
-  Rng r{20261125};
+  Rng r{expertmesh::base::SplitMix64(20261125)};
   std::vector<std::string> docs;
   size_t total = 0;
   while (total < min_bytes) {

@@ -453,6 +453,20 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
     status = cluster->WaitReady(members[i], deadline);
   }
   if (status.ok()) status = cluster->WaitForMembership(deadline);
+  // An attention worker with a model serves sequences only once a placement covers every
+  // routed expert (its AttentionWorker health says so); the cluster is ready when it can serve.
+  for (int i = 1; i < count && status.ok() && !cluster->options_.model_dir.empty(); ++i) {
+    if (members[i].kind != "attention-worker") continue;
+    while (!rpc::CheckHealth(members[i].grpc_address(cluster->options_.host), absl::Seconds(1),
+                             "expertmesh.v1.AttentionWorker")
+                .ok()) {
+      if (absl::Now() > deadline) {
+        status = cluster->Failure(members[i], "did not get an expert placement in time");
+        break;
+      }
+      absl::SleepFor(kPoll);
+    }
+  }
   if (!status.ok()) return status;
   cluster->WriteClusterJson();
   return cluster;

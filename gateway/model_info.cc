@@ -2,17 +2,15 @@
 
 #include <sys/stat.h>
 
-#include "core/base/mapped_file.h"
+#include <algorithm>
+#include <limits>
+
 #include "core/base/status_macros.h"
-#include "nlohmann/json.hpp"
 
 namespace expertmesh::gateway {
 
 absl::StatusOr<ModelInfo> LoadModelInfo(const std::string& dir, const std::string& name) {
-  const std::string path = dir + "/config.json";
-  EM_ASSIGN_OR_RETURN(std::string text, base::ReadFileToString(path));
-  nlohmann::json config = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (!config.is_object()) return absl::InvalidArgumentError(path + " is not a JSON object");
+  EM_ASSIGN_OR_RETURN(model::ModelConfig config, model::LoadModelConfig(dir));
   ModelInfo info;
   info.dir = dir;
   info.id = name;
@@ -22,12 +20,15 @@ absl::StatusOr<ModelInfo> LoadModelInfo(const std::string& dir, const std::strin
     size_t slash = trimmed.rfind('/');
     info.id = slash == std::string::npos ? trimmed : trimmed.substr(slash + 1);
   }
-  auto u32 = [&](const char* key) -> uint32_t {
-    auto it = config.find(key);
-    return it != config.end() && it->is_number_unsigned() ? it->get<uint32_t>() : 0;
+  // The API fields are 32-bit; a larger value cannot be meant literally, so it saturates.
+  auto u32 = [](int64_t v) {
+    return static_cast<uint32_t>(
+        std::clamp<int64_t>(v, 0, std::numeric_limits<uint32_t>::max()));
   };
-  info.context_length = u32("max_position_embeddings");
-  info.vocab_size = u32("vocab_size");
+  info.context_length = u32(config.max_position_embeddings);
+  info.vocab_size = u32(config.vocab_size);
+  info.config = std::move(config);
+  const std::string path = dir + "/config.json";
   struct stat st;
   if (stat(path.c_str(), &st) == 0) info.created = static_cast<int64_t>(st.st_mtime);
   return info;

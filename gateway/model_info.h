@@ -6,6 +6,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "core/model/config.h"
 
 namespace expertmesh::gateway {
 
@@ -14,11 +15,13 @@ struct ModelInfo {
   std::string dir;              // model directory
   int64_t created = 0;          // config.json's modification time (unix seconds)
   uint32_t context_length = 0;  // max_position_embeddings (0 if absent)
-  uint32_t vocab_size = 0;      // vocab_size (0 if absent)
+  uint32_t vocab_size = 0;      // vocab_size
+  model::ModelConfig config;    // the whole parsed config.json
 };
 
-// Reads `dir`/config.json. `name` empty = the directory's base name.
-// Errors: NotFound (no config.json), InvalidArgument (not a JSON object; names the file).
+// Reads `dir`/config.json with the model's parser (em_config; no kernels), so the gateway
+// refuses at start a config the workers would refuse. `name` empty = the directory's base name.
+// Errors: NotFound (no config.json), InvalidArgument naming the file and the key at fault.
 absl::StatusOr<ModelInfo> LoadModelInfo(const std::string& dir, const std::string& name);
 
 }  // namespace expertmesh::gateway

@@ -92,7 +92,7 @@ int main(int argc, char** argv) {
 
   auto process = rpc::ServiceProcess::Create("router", common);
   if (!process.ok()) return SetupError(process.status());
-  router::RealClock clock;
+  base::RealClock clock;
   router::RouterService service(clock, absl::Milliseconds(lease_ms), (*process)->registry(),
                                 std::move(placement));
   (*process)->AddService(&service);

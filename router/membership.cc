@@ -30,7 +30,7 @@ std::string StateName(MemberState state) {
   }
 }
 
-Membership::Membership(const Clock& clock, absl::Duration lease_ttl)
+Membership::Membership(const base::Clock& clock, absl::Duration lease_ttl)
     : clock_(clock), lease_ttl_(lease_ttl) {}
 
 MemberView Membership::ViewLocked(uint64_t id, const Entry& e, absl::Time now) const {

@@ -15,7 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "expertmesh/v1/router.pb.h"
-#include "router/clock.h"
+#include "core/base/clock.h"
 
 namespace expertmesh::router {
 
@@ -49,7 +49,7 @@ std::string StateName(MemberState state);
 class Membership {
  public:
   // `clock` must outlive this object. `lease_ttl` > 0.
-  Membership(const Clock& clock, absl::Duration lease_ttl);
+  Membership(const base::Clock& clock, absl::Duration lease_ttl);
 
   struct Registration {
     uint64_t worker_id = 0;
@@ -98,7 +98,7 @@ class Membership {
     return now - e.last_renewal >= lease_ttl_;
   }
 
-  const Clock& clock_;
+  const base::Clock& clock_;
   const absl::Duration lease_ttl_;
   mutable absl::Mutex mu_;
   std::map<uint64_t, Entry> members_ ABSL_GUARDED_BY(mu_);

@@ -5,14 +5,7 @@
 namespace expertmesh::router {
 namespace {
 
-class FakeClock final : public Clock {
- public:
-  absl::Time Now() const override { return now_; }
-  void Advance(absl::Duration d) { now_ += d; }
-
- private:
-  absl::Time now_ = absl::FromUnixSeconds(1000000);
-};
+using base::FakeClock;
 
 MemberSpec Spec(WorkerKind kind, std::string address) {
   MemberSpec s;

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/base/log.h"
+#include "core/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace expertmesh::router {
@@ -22,32 +23,6 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
   std::ostringstream text;
   text << in.rdbuf();
   return text.str();
-}
-
-absl::Status ReadConfigInt(const json& j, const char* key, bool required, int64_t lo, int64_t hi,
-                           int* out) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) {
-    if (required) return absl::InvalidArgumentError(absl::StrCat("config.json: key '", key, "' is missing"));
-    return absl::OkStatus();
-  }
-  int64_t v = 0;
-  if (it->is_number_integer()) {
-    v = it->get<int64_t>();
-  } else if (it->is_number_float() && it->get<double>() == static_cast<double>(
-                                                               static_cast<int64_t>(it->get<double>()))) {
-    // Some exporters write every number as a float.
-    v = static_cast<int64_t>(it->get<double>());
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("config.json: key '", key, "' must be an integer, got ", it->dump()));
-  }
-  if (v < lo || v > hi) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("config.json: key '", key, "' must be in [", lo, ", ", hi, "], got ", v));
-  }
-  *out = static_cast<int>(v);
-  return absl::OkStatus();
 }
 
 // Parses one worker reference of the placement file.
@@ -116,38 +91,30 @@ std::vector<ExpertKey> ModelShape::Keys() const {
   return keys;
 }
 
-absl::StatusOr<ModelShape> ParseModelShape(std::string_view config_json) {
-  json j = json::parse(config_json, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) {
-    return absl::InvalidArgumentError("config.json: not a JSON object");
-  }
+ModelShape ShapeFromConfig(const model::ModelConfig& config) {
   ModelShape shape;
-  int hidden = 0, inter = 0;
-  for (auto status : {ReadConfigInt(j, "num_hidden_layers", true, 1, 1 << 16, &shape.trunk_layers),
-                      ReadConfigInt(j, "num_nextn_predict_layers", false, 0, 1 << 10, &shape.mtp_layers),
-                      ReadConfigInt(j, "n_routed_experts", true, 1, 1 << 20, &shape.experts),
-                      ReadConfigInt(j, "hidden_size", false, 0, 1 << 24, &hidden),
-                      ReadConfigInt(j, "moe_intermediate_size", false, 0, 1 << 24, &inter)}) {
-    if (!status.ok()) return status;
-  }
+  shape.trunk_layers = config.num_hidden_layers;
+  shape.mtp_layers = config.num_nextn_predict_layers;
+  shape.experts = config.n_routed_experts;
   // Three [hidden x inter] matrices per expert; fp4 weights carry one e8m0 scale per 32, fp8
   // ones a block scale per 128x128 (negligible). Only used to turn memory into a count cap.
-  std::string dtype = j.value("expert_dtype", std::string());
-  double bytes_per_weight = 2.0;
-  if (dtype == "fp4") bytes_per_weight = 0.5 + 1.0 / 32;
-  if (dtype == "fp8") bytes_per_weight = 1.0;
-  shape.expert_bytes = static_cast<uint64_t>(3.0 * hidden * inter * bytes_per_weight);
+  const double bytes_per_weight =
+      config.expert_dtype == model::ExpertDType::kFP4 ? 0.5 + 1.0 / 32 : 1.0;
+  shape.expert_bytes = static_cast<uint64_t>(3.0 * static_cast<double>(config.hidden_size) *
+                                             static_cast<double>(config.moe_intermediate_size) *
+                                             bytes_per_weight);
   return shape;
 }
 
+absl::StatusOr<ModelShape> ParseModelShape(std::string_view config_json) {
+  absl::StatusOr<model::ModelConfig> config = model::ParseModelConfig(config_json);
+  if (!config.ok()) return base::Annotate(config.status(), "config.json");
+  return ShapeFromConfig(*config);
+}
+
 absl::StatusOr<ModelShape> ReadModelShape(const std::string& model_dir) {
-  auto text = ReadWholeFile(model_dir + "/config.json");
-  if (!text.ok()) return text.status();
-  auto shape = ParseModelShape(*text);
-  if (!shape.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(model_dir, "/", shape.status().message()));
-  }
-  return shape;
+  EM_ASSIGN_OR_RETURN(model::ModelConfig config, model::LoadModelConfig(model_dir));
+  return ShapeFromConfig(config);
 }
 
 bool WorkerRef::Matches(std::string_view worker_address, int worker_ordinal) const {
@@ -323,7 +290,7 @@ Assignment ComputePlacement(const PlacementInput& in) {
 
 // ---------------------------------------------------------------------------------------------
 
-PlacementManager::PlacementManager(PlacementOptions options, const Clock& clock,
+PlacementManager::PlacementManager(PlacementOptions options, const base::Clock& clock,
                                    ExpertLoader& loader)
     : options_(std::move(options)),
       keys_(options_.shape.Keys()),

@@ -1,7 +1,7 @@
 // The router's expert placement: which expert workers host each routed (layer, expert), and the
 // protocol that changes it without ever pointing an attention worker at a worker that does not
 // hold the expert (docs/placement.md). Plain logic, no gRPC: the RPCs to expert workers go
-// through the ExpertLoader interface and time through router/clock.h, so unit tests drive every
+// through the ExpertLoader interface and time through base::Clock (core/base/clock.h), so unit tests drive every
 // step with fakes.
 #pragma once
 
@@ -20,8 +20,9 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "core/base/clock.h"
+#include "core/model/config.h"
 #include "expertmesh/v1/router.pb.h"
-#include "router/clock.h"
 
 namespace expertmesh::router {
 
@@ -45,8 +46,11 @@ struct ModelShape {
   std::vector<ExpertKey> Keys() const;
 };
 
-// Reads the shape from `model_dir`/config.json (a small JSON read: the router does not link the
-// model library). Errors: NotFound (file), InvalidArgument naming the key.
+// The shape from a parsed config.json. The router parses it with the model's own parser
+// (em_config, no kernels), so a config the workers would reject never places experts.
+ModelShape ShapeFromConfig(const model::ModelConfig& config);
+// Reads and parses `model_dir`/config.json. Errors: NotFound (file), InvalidArgument naming the
+// key (those of model::LoadModelConfig).
 absl::StatusOr<ModelShape> ReadModelShape(const std::string& model_dir);
 absl::StatusOr<ModelShape> ParseModelShape(std::string_view config_json);
 
@@ -128,7 +132,7 @@ class PlacementManager {
   using Listener = std::function<void(std::shared_ptr<const expertmesh::v1::PlacementTable>)>;
 
   // `clock` and `loader` must outlive this object.
-  PlacementManager(PlacementOptions options, const Clock& clock, ExpertLoader& loader);
+  PlacementManager(PlacementOptions options, const base::Clock& clock, ExpertLoader& loader);
 
   // Called for every published table, in version order, under the manager's lock: it must not
   // call back into the manager.
@@ -197,7 +201,7 @@ class PlacementManager {
 
   const PlacementOptions options_;
   const std::vector<ExpertKey> keys_;
-  const Clock& clock_;
+  const base::Clock& clock_;
   ExpertLoader& loader_;
   const absl::Time started_;
 

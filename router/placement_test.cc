@@ -1,21 +1,18 @@
 #include "router/placement.h"
 
+#include <filesystem>
 #include <map>
 #include <set>
 
+#include "core/base/mapped_file.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/model_config_json.h"
 
 namespace expertmesh::router {
 namespace {
 
-class FakeClock final : public Clock {
- public:
-  absl::Time Now() const override { return now_; }
-  void Advance(absl::Duration d) { now_ += d; }
-
- private:
-  absl::Time now_ = absl::FromUnixSeconds(1000000);
-};
+using base::FakeClock;
 
 // Records what the protocol asks of expert workers and holds what each has loaded.
 class FakeLoader final : public ExpertLoader {
@@ -80,9 +77,7 @@ PlacementInput Input(const ModelShape& shape, int replicas, std::vector<uint64_t
 }
 
 TEST(ModelShapeTest, ReadsLayersExpertsAndMtpFromConfig) {
-  auto shape = ParseModelShape(R"({"num_hidden_layers": 4, "num_nextn_predict_layers": 1,
-      "n_routed_experts": 16, "hidden_size": 256, "moe_intermediate_size": 128,
-      "expert_dtype": "fp4"})");
+  auto shape = ParseModelShape(testing::SmallModelConfigJson(4, 1, 16));
   ASSERT_TRUE(shape.ok()) << shape.status();
   EXPECT_EQ(shape->total_layers(), 5);
   EXPECT_EQ(shape->experts, 16);
@@ -90,17 +85,50 @@ TEST(ModelShapeTest, ReadsLayersExpertsAndMtpFromConfig) {
   ASSERT_EQ(keys.size(), 80u);
   // The MTP block's MoE is layer trunk_layers + i.
   EXPECT_EQ(keys.back(), (ExpertKey{4, 15}));
+  // hidden 256, moe_intermediate 128 (SmallModelConfigJson's dimensions), FP4 with e8m0 scales.
   EXPECT_EQ(shape->expert_bytes, static_cast<uint64_t>(3.0 * 256 * 128 * (0.5 + 1.0 / 32)));
+  auto fp8 = ParseModelShape(testing::SmallModelConfigJson(2, 0, 8, "fp8"));
+  ASSERT_TRUE(fp8.ok()) << fp8.status();
+  EXPECT_EQ(fp8->total_layers(), 2);
+  EXPECT_EQ(fp8->expert_bytes, static_cast<uint64_t>(3 * 256 * 128));
 }
 
 TEST(ModelShapeTest, ErrorsNameTheKey) {
+  // The router uses the model's parser, so a config the workers would reject is rejected here
+  // too, not only one missing the three keys placement reads.
   auto missing = ParseModelShape(R"({"num_hidden_layers": 4})");
   ASSERT_FALSE(missing.ok());
-  EXPECT_NE(missing.status().message().find("n_routed_experts"), std::string::npos);
-  auto bad = ParseModelShape(R"({"num_hidden_layers": "four", "n_routed_experts": 2})");
+  EXPECT_NE(missing.status().message().find("config.json"), std::string::npos);
+  nlohmann::json j = nlohmann::json::parse(testing::SmallModelConfigJson(4, 1, 16));
+  j.erase("n_routed_experts");
+  auto no_experts = ParseModelShape(j.dump());
+  ASSERT_FALSE(no_experts.ok());
+  EXPECT_NE(no_experts.status().message().find("n_routed_experts"), std::string::npos);
+  j = nlohmann::json::parse(testing::SmallModelConfigJson(4, 1, 16));
+  j["num_hidden_layers"] = "four";
+  auto bad = ParseModelShape(j.dump());
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("num_hidden_layers"), std::string::npos);
+  j = nlohmann::json::parse(testing::SmallModelConfigJson(4, 1, 16));
+  j["num_experts_per_tok"] = 17;  // more than n_routed_experts: only the full parser sees it
+  auto inconsistent = ParseModelShape(j.dump());
+  ASSERT_FALSE(inconsistent.ok());
+  EXPECT_NE(inconsistent.status().message().find("num_experts_per_tok"), std::string::npos);
   EXPECT_FALSE(ParseModelShape("not json").ok());
+}
+
+TEST(ModelShapeTest, ReadsTheModelDirectory) {
+  const std::string dir = ::testing::TempDir() + "/router-shape-model";
+  std::filesystem::create_directories(dir);
+  ASSERT_TRUE(
+      base::WriteFileAtomically(dir + "/config.json", testing::SmallModelConfigJson(3, 1, 8)).ok());
+  auto shape = ReadModelShape(dir);
+  ASSERT_TRUE(shape.ok()) << shape.status();
+  EXPECT_EQ(shape->total_layers(), 4);
+  EXPECT_EQ(shape->experts, 8);
+  auto missing = ReadModelShape(dir + "/nowhere");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
 }
 
 TEST(ComputePlacementTest, CoversEveryExpertBalancedAndSpreadsEachLayer) {

@@ -262,7 +262,7 @@ class WatchPlacementReactor final : public grpc::ServerWriteReactor<expertmesh::
   grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
 };
 
-RouterService::RouterService(const Clock& clock, absl::Duration lease_ttl,
+RouterService::RouterService(const base::Clock& clock, absl::Duration lease_ttl,
                              prometheus::Registry& registry,
                              std::optional<PlacementConfig> placement)
     : membership_(clock, lease_ttl),

@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "core/base/clock.h"
 #include "expertmesh/v1/router.grpc.pb.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
@@ -44,7 +45,7 @@ class RouterService final : public expertmesh::v1::Router::CallbackService {
  public:
   // Registers its metrics in `registry`; `clock` must outlive the service. Starts the reaper and,
   // with `placement`, the placement thread.
-  RouterService(const Clock& clock, absl::Duration lease_ttl, prometheus::Registry& registry,
+  RouterService(const base::Clock& clock, absl::Duration lease_ttl, prometheus::Registry& registry,
                 std::optional<PlacementConfig> placement = std::nullopt);
   ~RouterService() override;  // stops the threads
 

@@ -25,6 +25,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "tests/testing/child_process.h"
+#include "tests/testing/cluster_requests.h"
 #include "tests/testing/prom_text.h"
 
 namespace expertmesh {
@@ -168,80 +169,30 @@ class GenerateClusterTest : public ::testing::Test {
   std::unique_ptr<expertmesh::v1::AttentionWorker::Stub> stub_;
 };
 
-struct Req {
-  std::vector<int32_t> prompt;
-  engine::SamplingParams sampling;
-  int max_new = 0;
-};
-
-std::vector<Req> MakeRequests(int count) {
-  std::vector<Req> reqs;
-  uint64_t x = 12345;
-  auto next = [&] {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return x;
-  };
-  for (int i = 0; i < count; ++i) {
-    Req r;
-    const int len = 3 + static_cast<int>(next() % 60);
-    for (int j = 0; j < len; ++j) r.prompt.push_back(static_cast<int32_t>(next() % 1024));
-    if (i % 2 == 1) {  // seeded sampling, mixed with greedy
-      r.sampling.temperature = 0.8;
-      r.sampling.top_p = 0.95;
-      r.sampling.top_k = i % 4 == 1 ? 50 : 0;
-      r.sampling.seed = 1000 + i;
-    }
-    r.max_new = 4 + static_cast<int>(next() % 12);
-    reqs.push_back(r);
-  }
-  return reqs;
-}
-
 TEST_F(GenerateClusterTest, ConcurrentStreamsEqualTheSingleProcessEngineAlone) {
   ASSERT_NO_FATAL_FAILURE(StartCluster({"--micro-batches", "2"}));
-  const std::vector<Req> reqs = MakeRequests(32);
+  const std::vector<testing::GenRequest> reqs = testing::MakeGenRequests(32, 1024);
 
   // The reference: the single-process engine, one request at a time.
   auto m = model::Model::Load(kModel);
   ASSERT_TRUE(m.ok()) << m.status();
   std::vector<std::vector<int32_t>> want;
-  for (const Req& r : reqs) {
-    auto g = engine::Generate(**m, r.prompt, r.max_new, r.sampling);
-    ASSERT_TRUE(g.ok()) << g.status();
-    want.push_back(g->ids);
+  for (const testing::GenRequest& r : reqs) {
+    auto t = testing::EngineTokens(**m, r);
+    ASSERT_TRUE(t.ok()) << t.status();
+    want.push_back(*t);
   }
 
-  std::vector<std::vector<int32_t>> got(reqs.size());
-  std::vector<std::string> errors(reqs.size());
+  std::vector<testing::GenResult> got(reqs.size());
   std::vector<std::thread> threads;
   for (size_t i = 0; i < reqs.size(); ++i) {
-    threads.emplace_back([&, i] {
-      expertmesh::v1::SequenceRequest req;
-      req.set_sequence_id("req-" + std::to_string(i));
-      for (int32_t t : reqs[i].prompt) req.add_prompt_ids(static_cast<uint32_t>(t));
-      auto* sp = req.mutable_sampling();
-      sp->set_temperature(static_cast<float>(reqs[i].sampling.temperature));
-      sp->set_top_p(static_cast<float>(reqs[i].sampling.top_p));
-      sp->set_top_k(static_cast<uint32_t>(reqs[i].sampling.top_k));
-      sp->set_seed(reqs[i].sampling.seed);
-      sp->set_max_new_tokens(static_cast<uint32_t>(reqs[i].max_new));
-      grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
-      auto reader = stub_->Generate(&ctx, req);
-      expertmesh::v1::SequenceTokens msg;
-      while (reader->Read(&msg)) {
-        for (uint32_t t : msg.token_ids()) got[i].push_back(static_cast<int32_t>(t));
-      }
-      grpc::Status st = reader->Finish();
-      if (!st.ok()) errors[i] = st.error_message();
-    });
+    threads.emplace_back(
+        [&, i] { got[i] = testing::RunGenerate(*stub_, "req-" + std::to_string(i), reqs[i]); });
   }
   for (auto& t : threads) t.join();
   for (size_t i = 0; i < reqs.size(); ++i) {
-    EXPECT_EQ(errors[i], "") << "request " << i;
-    EXPECT_EQ(got[i], want[i]) << "request " << i;
+    EXPECT_TRUE(got[i].status.ok()) << "request " << i << ": " << got[i].status;
+    EXPECT_EQ(got[i].tokens, want[i]) << "request " << i;
   }
 
   // One dispatch per expert worker per layer per forward pass: each expert worker's

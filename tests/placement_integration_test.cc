@@ -21,6 +21,7 @@
 #include "grpcpp/server_builder.h"
 #include "gtest/gtest.h"
 #include "tests/service_harness.h"
+#include "tests/testing/model_config_json.h"
 #include "tests/testing/prom_text.h"
 
 namespace expertmesh::testing {
@@ -303,8 +304,7 @@ class PlacementIntegrationTest : public ::testing::Test {
     model_ = dir_ + "/model";
     ASSERT_EQ(::mkdir(model_.c_str(), 0755), 0);
     std::ofstream(model_ + "/config.json")
-        << "{\"num_hidden_layers\": " << kLayers << ", \"num_nextn_predict_layers\": "
-        << kMtpLayers << ", \"n_routed_experts\": " << kExperts << "}\n";
+        << SmallModelConfigJson(kLayers, kMtpLayers, kExperts);
   }
   std::vector<std::string> RouterArgs() const {
     return {"--lease-ms=" + std::to_string(kLeaseMs), "--model=" + model_};

@@ -10,7 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "core/tokenizer/utf8.h"
+#include "core/base/utf8.h"
 
 namespace expertmesh::chat {
 
@@ -276,7 +276,7 @@ class Parser {
                 pos_ = save;  // lone high surrogate; the next escape stands alone
               }
             }
-            tokenizer::AppendCodePoint(cp, out);
+            base::AppendCodePoint(cp, out);
             break;
           }
           default:
@@ -284,8 +284,8 @@ class Parser {
         }
         continue;
       }
-      const tokenizer::Utf8Step step = tokenizer::NextUtf8(text_.substr(pos_));
-      if (step.kind != tokenizer::Utf8Prefix::kComplete) return Error("invalid UTF-8 in string");
+      const base::Utf8Step step = base::NextUtf8(text_.substr(pos_));
+      if (step.kind != base::Utf8Prefix::kComplete) return Error("invalid UTF-8 in string");
       out->append(text_.substr(pos_, step.length));
       pos_ += step.length;
     }
@@ -487,14 +487,14 @@ void AppendPythonJsonString(std::string_view s, std::string* out) {
       ++i;
       continue;
     }
-    const tokenizer::Utf8Step step = tokenizer::NextUtf8(s.substr(i));
-    if (step.kind == tokenizer::Utf8Prefix::kComplete) {
+    const base::Utf8Step step = base::NextUtf8(s.substr(i));
+    if (step.kind == base::Utf8Prefix::kComplete) {
       i += step.length;
       continue;
     }
     // Each byte of an ill-formed sequence becomes its own U+FFFD.
     AppendJsonEscaped(s.substr(run, i - run), out);
-    out->append(tokenizer::kReplacementChar);
+    out->append(base::kReplacementChar);
     ++i;
     run = i;
   }

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "core/base/hash.h"
 #include "core/chat/encoder.h"
 #include "core/chat/json_value.h"
 
@@ -75,13 +76,6 @@ size_t PythonSpaceLength(std::string_view s, size_t i) {
   return 0;
 }
 
-uint64_t SplitMix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ULL;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
-}
-
 }  // namespace
 
 std::string_view ParseErrorName(ParseError e) {
@@ -126,7 +120,7 @@ StreamParser::StreamParser(ParseOptions options)
 
 std::string StreamParser::MakeId(size_t index) const {
   static constexpr char kHex[] = "0123456789abcdef";
-  uint64_t v = SplitMix64(options_.id_seed ^ SplitMix64(index));
+  uint64_t v = base::SplitMix64Hash(options_.id_seed ^ base::SplitMix64Hash(index));
   std::string id = options_.id_prefix;
   for (int shift = 60; shift >= 0; shift -= 4) id.push_back(kHex[(v >> shift) & 15]);
   return id;

@@ -1,25 +1,18 @@
 #include "core/engine/engine.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <limits>
 #include <numeric>
 #include <set>
 
+#include "core/base/clock.h"
+#include "core/base/hash.h"
 #include "core/base/status_macros.h"
 
 namespace expertmesh::engine {
 
 namespace {
-
-// splitmix64's output function (the constants are its published ones): a bijection on 64 bits
-// whose every output bit depends on every input bit.
-uint64_t Mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 // Candidate tokens by decreasing logit (ties: lower id first): the first `keep` of them sorted.
 std::vector<int32_t> TopIds(absl::Span<const float> logits, int64_t keep) {
@@ -53,9 +46,9 @@ int32_t ArgMax(absl::Span<const float> logits) {
 double KeyedUniform(uint64_t seed, uint64_t choice_index, int64_t position) {
   // Each key is folded in through a full mixing round, with distinct odd offsets so that
   // (a, b, c) and its permutations land on unrelated states.
-  uint64_t h = Mix64(seed + 0x9E3779B97F4A7C15ull);
-  h = Mix64(h ^ (choice_index + 0xD1B54A32D192ED03ull));
-  h = Mix64(h ^ (static_cast<uint64_t>(position) + 0x8CB92BA72F3D8DD7ull));
+  uint64_t h = base::Mix64(seed + base::kSplitMix64Gamma);
+  h = base::Mix64(h ^ (choice_index + 0xD1B54A32D192ED03ull));
+  h = base::Mix64(h ^ (static_cast<uint64_t>(position) + 0x8CB92BA72F3D8DD7ull));
   return static_cast<double>(h >> 11) * 0x1.0p-53;
 }
 
@@ -181,15 +174,14 @@ absl::StatusOr<std::vector<float>> Engine::Decode(absl::Span<const SequenceId> i
 absl::StatusOr<Generation> Generate(model::Model& model, absl::Span<const int32_t> prompt,
                                     int64_t max_new, const SamplingParams& params, int64_t chunk,
                                     int32_t stop_id) {
-  using Clock = std::chrono::steady_clock;
   Engine engine(&model);
   Generation g;
   g.prompt_tokens = static_cast<int64_t>(prompt.size());
   const SequenceId id = engine.AddSequence();
-  auto t0 = Clock::now();
+  base::Stopwatch phase;
   EM_ASSIGN_OR_RETURN(std::vector<float> logits, engine.Prefill(id, prompt, chunk));
-  auto t1 = Clock::now();
-  g.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
+  g.prefill_seconds = phase.Seconds();
+  phase.Restart();
   EM_ASSIGN_OR_RETURN(const model::SequenceState* state, engine.State(id));
   for (int64_t i = 0; i < max_new; ++i) {
     // The state's position is the number of tokens fed so far: the sampled token's position.
@@ -200,7 +192,7 @@ absl::StatusOr<Generation> Generate(model::Model& model, absl::Span<const int32_
     const int32_t toks[1] = {next};
     EM_ASSIGN_OR_RETURN(logits, engine.Decode(ids, toks));
   }
-  g.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
+  g.decode_seconds = phase.Seconds();
   return g;
 }
 

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/base/mapped_file.h"
+#include "core/base/random.h"
 #include "core/base/status_macros.h"
 #include "core/model/checkpoint.h"
 #include "core/model/safetensors.h"
@@ -22,32 +23,15 @@ namespace {
 
 // ---- Deterministic randomness: integer-only, so every platform gives the same bits. ----
 
-uint64_t SplitMix64(uint64_t& state) {
-  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-uint64_t Fnv1a(std::string_view s) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
-  return h;
-}
-
 class Rng {
  public:
-  Rng(uint64_t seed, std::string_view stream) : state_(seed ^ Fnv1a(stream)) { SplitMix64(state_); }
-  uint64_t Next() { return SplitMix64(state_); }
-  // Uniform integer in [0, n) (multiply-shift; exact, no modulo bias worth noting for n << 2^32).
-  uint32_t Below(uint32_t n) { return static_cast<uint32_t>(((Next() >> 32) * n) >> 32); }
-  // Uniform in [0, 1) with 24 random bits.
-  float Uniform() { return static_cast<float>(Next() >> 40) * (1.0f / 16777216.0f); }
+  Rng(uint64_t seed, std::string_view stream) : gen_(seed, stream) {}
+  uint32_t Below(uint32_t n) { return gen_.Below(n); }
   // Approximately standard normal: the Irwin-Hall sum of four 16-bit uniforms, centred and
   // scaled to unit variance (bounded at +-3.46). Integer math plus one exact-rounded multiply,
   // so unlike std::normal_distribution or Box-Muller on libm it is the same everywhere.
   float Normal() {
-    uint64_t r = Next();
+    uint64_t r = gen_.Next();
     int64_t s = static_cast<int64_t>(r & 0xffff) + static_cast<int64_t>((r >> 16) & 0xffff) +
                 static_cast<int64_t>((r >> 32) & 0xffff) + static_cast<int64_t>(r >> 48);
     // Var of one 16-bit uniform = (65536^2 - 1)/12, of the sum: 4x; 1/sqrt(that) ~ 2.6431e-5.
@@ -55,7 +39,7 @@ class Rng {
   }
 
  private:
-  uint64_t state_;
+  base::SplitMix64 gen_;
 };
 
 // ---- Encodings (MODEL.md, Checkpoint format). ----

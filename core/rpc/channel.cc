@@ -20,13 +20,15 @@ void SetTimeout(grpc::ClientContext& context, absl::Duration timeout) {
   context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
 }
 
-absl::Status CheckHealth(grpc::Channel& channel, absl::Duration timeout) {
+absl::Status CheckHealth(grpc::Channel& channel, absl::Duration timeout,
+                         const std::string& service) {
   // The stub needs a shared_ptr; the caller keeps the channel alive for the call.
   std::shared_ptr<grpc::Channel> borrowed(&channel, [](grpc::Channel*) {});
   auto stub = grpc::health::v1::Health::NewStub(borrowed);
   grpc::ClientContext context;
   SetTimeout(context, timeout);
   grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
   grpc::health::v1::HealthCheckResponse response;
   grpc::Status status = stub->Check(&context, request, &response);
   if (!status.ok()) return FromGrpcStatus(status);
@@ -38,8 +40,9 @@ absl::Status CheckHealth(grpc::Channel& channel, absl::Duration timeout) {
   return absl::OkStatus();
 }
 
-absl::Status CheckHealth(const std::string& address, absl::Duration timeout) {
-  return CheckHealth(*MakeChannel(address), timeout);
+absl::Status CheckHealth(const std::string& address, absl::Duration timeout,
+                         const std::string& service) {
+  return CheckHealth(*MakeChannel(address), timeout, service);
 }
 
 }  // namespace expertmesh::rpc

@@ -25,7 +25,9 @@ void SetTimeout(grpc::ClientContext& context, absl::Duration timeout);
 // One grpc.health.v1 Check of the whole server at `address` (service ""). OK iff it answers
 // SERVING; Unavailable/DeadlineExceeded when it cannot be reached, FailedPrecondition when it
 // answers another status.
-absl::Status CheckHealth(const std::string& address, absl::Duration timeout = kControlRpcTimeout);
-absl::Status CheckHealth(grpc::Channel& channel, absl::Duration timeout = kControlRpcTimeout);
+absl::Status CheckHealth(const std::string& address, absl::Duration timeout = kControlRpcTimeout,
+                         const std::string& service = "");
+absl::Status CheckHealth(grpc::Channel& channel, absl::Duration timeout = kControlRpcTimeout,
+                         const std::string& service = "");
 
 }  // namespace expertmesh::rpc

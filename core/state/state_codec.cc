@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/base/hash.h"
 #include "core/kernels/matmul.h"
 #include "core/model/quantize.h"
 
@@ -19,13 +20,12 @@ using model::SequenceState;
 constexpr char kMagic[4] = {'E', 'M', 'S', 'T'};
 constexpr uint8_t kRawBlock = 0xFF;  // exponent byte meaning "float32 values follow"
 
-uint64_t Fnv1a64(const char* p, size_t n) {
-  uint64_t h = 1469598103934665603ull;
-  for (size_t i = 0; i < n; ++i) {
-    h ^= static_cast<uint8_t>(p[i]);
-    h *= 1099511628211ull;
-  }
-  return h;
+// The checksum's FNV-1a starts from this basis, not the published 14695981039346656037 (a digit
+// short): version-1 blobs were written with it, so it stays part of the format.
+constexpr uint64_t kChecksumBasis = 1469598103934665603ull;
+
+uint64_t Checksum(const char* p, size_t n) {
+  return base::Fnv1a64(std::string_view(p, n), kChecksumBasis);
 }
 
 class Writer {
@@ -231,7 +231,7 @@ std::string SerializeState(const ModelConfig& c, const SequenceState& s) {
       WritePending(w, bs.index_compressor, pos);
     }
   }
-  const uint64_t sum = Fnv1a64(w.out().data(), w.out().size());
+  const uint64_t sum = Checksum(w.out().data(), w.out().size());
   w.Raw(&sum, 8);
   return std::move(w.out());
 }
@@ -242,7 +242,7 @@ absl::StatusOr<SequenceState> DeserializeState(const ModelConfig& c, std::string
   }
   uint64_t sum = 0;
   std::memcpy(&sum, bytes.data() + bytes.size() - 8, 8);
-  if (sum != Fnv1a64(bytes.data(), bytes.size() - 8)) {
+  if (sum != Checksum(bytes.data(), bytes.size() - 8)) {
     return absl::InvalidArgumentError("sequence state: checksum mismatch (corrupted bytes)");
   }
   Reader r(bytes.substr(0, bytes.size() - 8));

@@ -10,7 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "core/tokenizer/utf8.h"
+#include "core/base/utf8.h"
 
 namespace expertmesh::tokenizer {
 namespace {
@@ -26,7 +26,7 @@ struct ByteTables {
       const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
       to_unicode[b] = printable ? static_cast<char32_t>(b) : next++;
       to_byte[to_unicode[b]] = static_cast<int16_t>(b);
-      AppendCodePoint(to_unicode[b], &spelled[b]);
+      base::AppendCodePoint(to_unicode[b], &spelled[b]);
     }
   }
 };
@@ -50,9 +50,9 @@ bool ByteLevelToBytes(std::string_view token, std::string* bytes) {
   bytes->clear();
   size_t i = 0;
   while (i < token.size()) {
-    const Utf8Step step = NextUtf8(token.substr(i));
-    if (step.kind != Utf8Prefix::kComplete) return false;
-    const char32_t cp = DecodeCodePoint(token.substr(i), step.length);
+    const base::Utf8Step step = base::NextUtf8(token.substr(i));
+    if (step.kind != base::Utf8Prefix::kComplete) return false;
+    const char32_t cp = base::DecodeCodePoint(token.substr(i), step.length);
     if (cp >= t.to_byte.size() || t.to_byte[cp] < 0) return false;
     bytes->push_back(static_cast<char>(t.to_byte[cp]));
     i += step.length;

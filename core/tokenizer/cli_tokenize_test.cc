@@ -8,8 +8,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "core/base/utf8.h"
 #include "core/tokenizer/test_util.h"
-#include "core/tokenizer/utf8.h"
 
 namespace expertmesh::tokenizer {
 namespace {
@@ -100,7 +100,7 @@ TEST_F(CliTokenizeTest, DetokenizeChecksIdsAndWritesValidUtf8) {
   }
   EXPECT_EQ(json::parse(r.lines[5]).at("text"), "");
   EXPECT_EQ(json::parse(r.lines[6]).at("text"), "\uFFFD");
-  for (const std::string& line : r.lines) EXPECT_TRUE(IsValidUtf8(line));
+  for (const std::string& line : r.lines) EXPECT_TRUE(base::IsValidUtf8(line));
   // With the V3 file, ids past its last token are out of range.
   const Result v3 = RunCli("detokenize --tokenizer " + testing::kV3Path, "{\"ids\": [128815]}\n");
   ASSERT_EQ(v3.lines.size(), 1u);

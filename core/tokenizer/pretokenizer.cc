@@ -3,7 +3,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
-#include "core/tokenizer/utf8.h"
+#include "core/base/utf8.h"
 
 namespace expertmesh::tokenizer {
 namespace {
@@ -32,7 +32,7 @@ class CharClasses {
     for (char32_t cp = 0; cp < 0xF0000; ++cp) {
       if (cp >= 0xD800 && cp <= 0xDFFF) continue;
       if (cp == 0x40000) cp = 0xE0000;
-      AppendCodePoint(cp, &all);
+      base::AppendCodePoint(cp, &all);
     }
     const std::pair<const char*, uint8_t> classes[] = {
         {"\\p{L}+", kL}, {"\\p{M}+", kM}, {"\\p{N}+", kN}, {"\\p{P}+", kP}, {"\\p{S}+", kS}};
@@ -42,8 +42,8 @@ class CharClasses {
       size_t pos = 0, begin = 0, end = 0;
       while (pos < all.size() && (*regex)->Find(all, pos, &begin, &end)) {
         for (size_t i = begin; i < end;) {
-          const size_t len = NextUtf8(std::string_view(all).substr(i)).length;
-          table_[DecodeCodePoint(std::string_view(all).substr(i), len)] |= bit;
+          const size_t len = base::NextUtf8(std::string_view(all).substr(i)).length;
+          table_[base::DecodeCodePoint(std::string_view(all).substr(i), len)] |= bit;
           i += len;
         }
         pos = end;

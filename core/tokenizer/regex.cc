@@ -5,7 +5,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "core/tokenizer/utf8.h"
+#include "core/base/utf8.h"
 
 namespace expertmesh::tokenizer {
 namespace {
@@ -146,7 +146,7 @@ Regex::Regex(std::string pattern, std::unique_ptr<Impl> impl)
 Regex::~Regex() = default;
 
 absl::StatusOr<std::unique_ptr<Regex>> Regex::Compile(std::string_view pattern, bool literal) {
-  if (!IsValidUtf8(pattern)) return absl::InvalidArgumentError("pattern is not valid UTF-8");
+  if (!base::IsValidUtf8(pattern)) return absl::InvalidArgumentError("pattern is not valid UTF-8");
   int error = 0;
   PCRE2_SIZE offset = 0;
   uint32_t options = PCRE2_UTF | PCRE2_UCP | PCRE2_NO_UTF_CHECK;
@@ -186,7 +186,7 @@ bool Regex::Find(std::string_view subject, size_t start, size_t* match_begin,
     // An empty match yields no piece; search again one character further on.
     size_t next = ov[1];
     if (next >= subject.size()) return false;
-    next += NextUtf8(subject.substr(next)).length;
+    next += base::NextUtf8(subject.substr(next)).length;
     start = next;
   }
   return false;

@@ -1,12 +1,13 @@
 #include "core/tokenizer/tokenizer.h"
-#include "core/tokenizer/utf8.h"
+
+#include "core/base/utf8.h"
 
 namespace expertmesh::tokenizer {
 
 void StreamDecoder::AddBytes(std::string_view bytes, std::string* out) {
   if (bytes.empty()) return;
   if (pending_.empty()) {
-    const size_t held = AppendUtf8LossyHoldingTail(bytes, out);
+    const size_t held = base::AppendUtf8LossyHoldingTail(bytes, out);
     pending_.assign(bytes.substr(bytes.size() - held));
     return;
   }
@@ -14,13 +15,13 @@ void StreamDecoder::AddBytes(std::string_view bytes, std::string* out) {
   size_t used = 0;
   while (!pending_.empty() && used < bytes.size()) {
     pending_.push_back(bytes[used++]);
-    const Utf8Step step = NextUtf8(pending_);
-    if (step.kind == Utf8Prefix::kIncomplete) continue;
-    const size_t held = AppendUtf8LossyHoldingTail(pending_, out);
+    const base::Utf8Step step = base::NextUtf8(pending_);
+    if (step.kind == base::Utf8Prefix::kIncomplete) continue;
+    const size_t held = base::AppendUtf8LossyHoldingTail(pending_, out);
     pending_.erase(0, pending_.size() - held);
   }
   if (pending_.empty() && used < bytes.size()) {
-    const size_t held = AppendUtf8LossyHoldingTail(bytes.substr(used), out);
+    const size_t held = base::AppendUtf8LossyHoldingTail(bytes.substr(used), out);
     pending_.assign(bytes.substr(bytes.size() - held));
   }
 }
@@ -35,7 +36,7 @@ std::string StreamDecoder::Add(int32_t id) {
 
 std::string StreamDecoder::Flush() {
   std::string out;
-  AppendUtf8Lossy(pending_, &out);
+  base::AppendUtf8Lossy(pending_, &out);
   pending_.clear();
   return out;
 }

@@ -1,30 +1,14 @@
-// UTF-8 repair and the streaming decoder.
+// The streaming decoder (the UTF-8 repair it builds on is tested in core/base/utf8_test.cc).
 #include <gtest/gtest.h>
 
+#include "core/base/utf8.h"
 #include "core/tokenizer/test_util.h"
 #include "core/tokenizer/tokenizer.h"
-#include "core/tokenizer/utf8.h"
 
 namespace expertmesh::tokenizer {
 namespace {
 
 using testing::V4;
-
-TEST(Utf8Test, MaximalSubpartsFollowTheUnicodeStandard) {
-  // The Unicode Standard, chapter 3, "U+FFFD Substitution of Maximal Subparts" (Table 3-8):
-  // 61 F1 80 80 E1 80 C2 62 80 63 80 BF 64 -> a FFFD FFFD FFFD b FFFD c FFFD FFFD d.
-  EXPECT_EQ(Utf8Lossy("\x61\xF1\x80\x80\xE1\x80\xC2\x62\x80\x63\x80\xBF\x64"),
-            "a\uFFFD\uFFFD\uFFFDb\uFFFDc\uFFFD\uFFFDd");
-  // Surrogates, overlongs and values past U+10FFFF are ill-formed byte by byte.
-  EXPECT_EQ(Utf8Lossy("\xED\xA0\x80"), "\uFFFD\uFFFD\uFFFD");
-  EXPECT_EQ(Utf8Lossy("\xC0\xAF"), "\uFFFD\uFFFD");
-  EXPECT_EQ(Utf8Lossy("\xF4\x90\x80\x80"), "\uFFFD\uFFFD\uFFFD\uFFFD");
-  EXPECT_EQ(Utf8Lossy("\xE4\xB8"), "\uFFFD");
-  EXPECT_EQ(Utf8Lossy("ok \xF0\x9F\x98\x80"), "ok \xF0\x9F\x98\x80");
-  EXPECT_TRUE(IsValidUtf8("plain ascii text that is long enough for the 8-byte loop"));
-  EXPECT_FALSE(IsValidUtf8("plain ascii text that is long enough \xFF for the loop"));
-  EXPECT_FALSE(IsValidUtf8("\xEF\xBF"));
-}
 
 TEST(StreamDecoderTest, HoldsPartialCharactersUntilComplete) {
   // Ids of single bytes: find the tokens for the bytes of "é" (C3 A9) and "😀" (F0 9F 98 80).
@@ -74,7 +58,7 @@ TEST(StreamDecoderTest, RandomIdsEqualWholeDecode) {
     std::string streamed;
     for (int32_t id : ids) {
       const std::string piece = d.Add(id);
-      ASSERT_TRUE(IsValidUtf8(piece));  // never splits a character
+      ASSERT_TRUE(base::IsValidUtf8(piece));  // never splits a character
       ASSERT_LE(d.pending_bytes(), 3u);
       streamed += piece;
     }
@@ -95,12 +79,12 @@ TEST(StreamDecoderTest, RandomByteChunksEqualLossyDecode) {
       const size_t len = std::min(bytes.size() - pos, 1 + fuzz.Below(6));
       std::string piece;
       d.AddBytes(std::string_view(bytes).substr(pos, len), &piece);
-      ASSERT_TRUE(IsValidUtf8(piece));
+      ASSERT_TRUE(base::IsValidUtf8(piece));
       streamed += piece;
       pos += len;
     }
     streamed += d.Flush();
-    ASSERT_EQ(streamed, Utf8Lossy(bytes));
+    ASSERT_EQ(streamed, base::Utf8Lossy(bytes));
   }
 }
 

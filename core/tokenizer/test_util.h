@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "core/base/utf8.h"
 #include "core/tokenizer/tokenizer.h"
-#include "core/tokenizer/utf8.h"
 
 namespace expertmesh::tokenizer::testing {
 
@@ -161,7 +161,7 @@ class UnicodeFuzzer {
         return;
     }
     if (cp >= 0xD800 && cp <= 0xDFFF) cp = 0xFFFD;
-    AppendCodePoint(cp, s);
+    base::AppendCodePoint(cp, s);
   }
 
   std::mt19937_64 rng_;

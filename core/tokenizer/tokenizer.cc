@@ -12,9 +12,9 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/mapped_file.h"
 #include "core/base/status_macros.h"
+#include "core/base/utf8.h"
 #include "core/tokenizer/bpe.h"
 #include "core/tokenizer/pretokenizer.h"
-#include "core/tokenizer/utf8.h"
 
 #ifndef EM_TOKENIZER_DEFAULT_PATH
 #error "EM_TOKENIZER_DEFAULT_PATH must be defined by the build"
@@ -198,8 +198,8 @@ class BpeTokenizer final : public Tokenizer {
 
   std::string Decode(absl::Span<const int32_t> ids) const override {
     const std::string bytes = DecodeBytes(ids);
-    if (IsValidUtf8(bytes)) return bytes;
-    return Utf8Lossy(bytes);
+    if (base::IsValidUtf8(bytes)) return bytes;
+    return base::Utf8Lossy(bytes);
   }
 
   std::string_view TokenBytes(int32_t id) const override {
@@ -264,14 +264,14 @@ class BpeTokenizer final : public Tokenizer {
   void EncodeOrdinary(std::string_view text, std::vector<int32_t>* ids) const {
     if (text.empty()) return;
     auto emit = [this, ids](std::string_view piece) { bpe_->EncodeWord(piece, ids); };
-    if (IsValidUtf8(text)) {
+    if (base::IsValidUtf8(text)) {
       pre_->Split(text, emit);
       return;
     }
     size_t i = 0, run = 0;
     while (i < text.size()) {
-      const Utf8Step step = NextUtf8(text.substr(i));
-      if (step.kind == Utf8Prefix::kComplete) {
+      const base::Utf8Step step = base::NextUtf8(text.substr(i));
+      if (step.kind == base::Utf8Prefix::kComplete) {
         i += step.length;
         continue;
       }

@@ -5,11 +5,11 @@
 
 #include <thread>
 
+#include "core/base/utf8.h"
 #include "core/tokenizer/bpe.h"
 #include "core/tokenizer/pretokenizer.h"
 #include "core/tokenizer/test_util.h"
 #include "core/tokenizer/tokenizer.h"
-#include "core/tokenizer/utf8.h"
 
 namespace expertmesh::tokenizer {
 namespace {
@@ -34,7 +34,7 @@ TEST(TokenizerFuzzTest, RandomBytesNeverCrashAndRoundTrip) {
       for (int32_t id : ids) ASSERT_TRUE(id >= 0 && id < V4().vocab_size());
       // Ill-formed input is encoded byte for byte, so even it comes back exactly.
       ASSERT_EQ(V4().DecodeBytes(ids), s);
-      ASSERT_EQ(V4().Decode(ids), Utf8Lossy(s));
+      ASSERT_EQ(V4().Decode(ids), base::Utf8Lossy(s));
     }
   }
 }
@@ -45,7 +45,7 @@ TEST(TokenizerFuzzTest, RandomUnicodeRoundTrips) {
   const int iterations = FuzzIterations(2000);
   for (int it = 0; it < iterations; ++it) {
     const std::string s = fuzz.RandomUnicode(80, specials);
-    ASSERT_TRUE(IsValidUtf8(s));
+    ASSERT_TRUE(base::IsValidUtf8(s));
     const std::vector<int32_t> matched = V4().Encode(s);
     ASSERT_EQ(V4().Decode(matched), s);
     const std::vector<int32_t> plain = V4().Encode(s, /*match_added_tokens=*/false);
@@ -168,7 +168,7 @@ TEST(TokenizerFuzzTest, FastPreTokenizerEqualsTheRegexesOnEveryCodePoint) {
     if (cp > 0xFFFF && cp % 7 != 0) continue;
     if (cp > 0x30000 && cp % 61 != 0) continue;
     std::string c;
-    AppendCodePoint(cp, &c);
+    base::AppendCodePoint(cp, &c);
     for (const auto& ctx : contexts) {
       const std::string s = std::string(ctx[0]) + c + c + ctx[1] + c;
       ASSERT_EQ(Pieces(**pre, s, false), Pieces(**pre, s, true))

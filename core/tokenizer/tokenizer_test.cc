@@ -189,7 +189,7 @@ TEST(TokenizerTest, IllFormedUtf8IsEncodedByteForByte) {
   for (const std::string& s : bad) {
     const std::vector<int32_t> ids = V4().Encode(s);
     EXPECT_EQ(V4().DecodeBytes(ids), s);
-    EXPECT_EQ(V4().Decode(ids), Utf8Lossy(s));
+    EXPECT_EQ(V4().Decode(ids), base::Utf8Lossy(s));
   }
 }
 

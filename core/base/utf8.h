@@ -1,14 +1,14 @@
-// UTF-8 scanning shared by the tokenizer, its decoders and the CLI: validation, the length of a
-// well-formed character, and lossy repair by the "maximal subpart" rule (each maximal ill-formed
-// subsequence becomes one U+FFFD, as Rust's String::from_utf8_lossy and the WHATWG decoder do, so
-// our text equals what the Hugging Face reference prints).
+// UTF-8 scanning shared by the tokenizer, its decoders, the chat JSON reader and the CLI:
+// validation, the length of a well-formed character, and lossy repair by the "maximal subpart"
+// rule (each maximal ill-formed subsequence becomes one U+FFFD, as Rust's String::from_utf8_lossy
+// and the WHATWG decoder do, so our text equals what the Hugging Face reference prints).
 #pragma once
 
 #include <cstddef>
 #include <string>
 #include <string_view>
 
-namespace expertmesh::tokenizer {
+namespace expertmesh::base {
 
 inline constexpr std::string_view kReplacementChar = "\xEF\xBF\xBD";  // U+FFFD
 
@@ -52,4 +52,4 @@ void AppendCodePoint(char32_t cp, std::string* out);
 // Decodes the well-formed character at s[0] of `length` bytes (from NextUtf8).
 char32_t DecodeCodePoint(std::string_view s, size_t length);
 
-}  // namespace expertmesh::tokenizer
+}  // namespace expertmesh::base

@@ -1,8 +1,8 @@
-#include "core/tokenizer/utf8.h"
+#include "core/base/utf8.h"
 
 #include <cstdint>
 
-namespace expertmesh::tokenizer {
+namespace expertmesh::base {
 
 Utf8Step NextUtf8(std::string_view s) {
   const auto b0 = static_cast<uint8_t>(s[0]);
@@ -107,4 +107,4 @@ char32_t DecodeCodePoint(std::string_view s, size_t length) {
   return cp;
 }
 
-}  // namespace expertmesh::tokenizer
+}  // namespace expertmesh::base
