@@ -78,6 +78,21 @@ double MetricSum(int metrics_port, const std::string& name) {
   return v;
 }
 
+// Dispatches of an attention worker that did not end `ok` (errors, timeouts, broken streams).
+double FailedDispatches(int metrics_port) {
+  const std::string name = "expertmesh_attention_expert_dispatches_total";
+  auto r = testing::HttpRequest(metrics_port, "GET", "/metrics");
+  if (!r.ok()) return -1;
+  auto parsed = testing::ParsePromText(r->body);
+  if (!parsed.ok()) return -1;
+  double v = 0;
+  for (const auto& s : parsed->Find(name)) {
+    auto it = s.labels.find("result");
+    if (it == s.labels.end() || it->second != "ok") v += s.value;
+  }
+  return v;
+}
+
 absl::StatusOr<v1::PlacementTable> GetPlacement(const std::string& router) {
   auto stub = v1::Router::NewStub(grpc::CreateChannel(router, grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
@@ -406,6 +421,9 @@ TEST_F(ClusterFaultTest, ExpertWorkerJoinsAndLeavesDuringStreams) {
   streams.Join();
   SCOPED_TRACE(Describe(streams.results()));
   ExpectAllExact(streams.results(), want, "join/leave");
+  // Not one dispatch failed: the joining worker answered as soon as it was published, and the
+  // leaving one until the attention worker no longer used it.
+  EXPECT_EQ(FailedDispatches(cluster_->Find("attention-worker-0")->metrics_port), 0);
   EXPECT_TRUE(leave_mid_stream) << "the streams ended before the leave; make them longer";
 
   // New requests after both events still equal their undisturbed runs, and the joined worker
