@@ -213,3 +213,54 @@ TEST_F(GenerateClusterTest, ConcurrentStreamsEqualTheSingleProcessEngineAlone) {
 
 }  // namespace
 }  // namespace expertmesh
+
+namespace expertmesh {
+namespace {
+
+TEST_F(GenerateClusterTest, CancelledCallFreesTheSequenceAndErrorsNameTheField) {
+  ASSERT_NO_FATAL_FAILURE(StartCluster());
+  {
+    expertmesh::v1::SequenceRequest req;
+    req.set_sequence_id("endless");
+    req.add_prompt_ids(1);
+    req.add_prompt_ids(2);
+    req.mutable_sampling()->set_max_new_tokens(1000000);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto reader = stub_->Generate(&ctx, req);
+    expertmesh::v1::SequenceTokens msg;
+    ASSERT_TRUE(reader->Read(&msg));
+    ASSERT_TRUE(reader->Read(&msg));
+    ctx.TryCancel();
+    while (reader->Read(&msg)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  // The sequence leaves the worker's table promptly (at the next step boundary).
+  bool gone = false;
+  for (int i = 0; i < 100 && !gone; ++i) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    expertmesh::v1::SequenceStatusResponse st;
+    ASSERT_TRUE(stub_->GetSequenceStatus(&ctx, {}, &st).ok());
+    gone = st.sequences_size() == 0;
+    if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_TRUE(gone) << "the cancelled sequence is still in the table";
+
+  // A bad request is INVALID_ARGUMENT naming the field.
+  expertmesh::v1::SequenceRequest bad;
+  bad.set_sequence_id("bad");
+  bad.add_prompt_ids(5000);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto reader = stub_->Generate(&ctx, bad);
+  expertmesh::v1::SequenceTokens msg;
+  EXPECT_FALSE(reader->Read(&msg));
+  grpc::Status st = reader->Finish();
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("prompt_ids[0]"), std::string::npos) << st.error_message();
+}
+
+}  // namespace
+}  // namespace expertmesh

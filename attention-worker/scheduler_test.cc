@@ -1,0 +1,227 @@
+// The attention worker's scheduler in-process (tiny-a, every expert local): outputs equal the
+// engine's whatever else runs, stop ids and max tokens end sequences with the right reason,
+// logprobs are the engine's, cancellation and the budgets work, bad requests name the field.
+#include "attention-worker/scheduler.h"
+
+#include <condition_variable>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/engine/engine.h"
+#include "core/model/model.h"
+#include "gtest/gtest.h"
+
+namespace expertmesh::attention_worker {
+namespace {
+
+namespace v1 = expertmesh::v1;
+
+const std::string kModel = std::string(EM_SHARED_DIR) + "/golden/tiny-a";
+
+// Collects a sequence's messages; Wait blocks until End.
+class Collector : public SequenceSink {
+ public:
+  void Send(v1::SequenceTokens m) override {
+    std::lock_guard<std::mutex> l(mu_);
+    messages_.push_back(std::move(m));
+  }
+  void End(absl::Status s) override {
+    std::lock_guard<std::mutex> l(mu_);
+    status_ = std::move(s);
+    ended_ = true;
+    cv_.notify_all();
+  }
+  bool Wait(absl::Duration timeout = absl::Seconds(60)) {
+    std::unique_lock<std::mutex> l(mu_);
+    return cv_.wait_for(l, absl::ToChronoNanoseconds(timeout), [&] { return ended_; });
+  }
+  std::vector<int32_t> tokens() const {
+    std::lock_guard<std::mutex> l(mu_);
+    std::vector<int32_t> out;
+    for (const auto& m : messages_) {
+      for (uint32_t t : m.token_ids()) out.push_back(static_cast<int32_t>(t));
+    }
+    return out;
+  }
+  v1::FinishReason reason() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return messages_.empty() ? v1::FINISH_REASON_UNSPECIFIED : messages_.back().finish_reason();
+  }
+  std::vector<v1::SequenceTokens> messages() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return messages_;
+  }
+  absl::Status status() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return status_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<v1::SequenceTokens> messages_;
+  absl::Status status_;
+  bool ended_ = false;
+};
+
+class SchedulerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto m = model::Model::Load(kModel);
+    ASSERT_TRUE(m.ok()) << m.status();
+    model_ = std::move(*m);
+  }
+
+  v1::SequenceRequest Request(const std::string& id, std::vector<uint32_t> prompt, int max_new,
+                              float temperature = 0, uint64_t seed = 0) {
+    v1::SequenceRequest r;
+    r.set_sequence_id(id);
+    for (uint32_t t : prompt) r.add_prompt_ids(t);
+    r.mutable_sampling()->set_max_new_tokens(static_cast<uint32_t>(max_new));
+    r.mutable_sampling()->set_temperature(temperature);
+    if (temperature > 0) r.mutable_sampling()->set_seed(seed);
+    return r;
+  }
+
+  std::vector<int32_t> EngineTokens(const v1::SequenceRequest& r) {
+    engine::SamplingParams p;
+    p.temperature = r.sampling().temperature();
+    p.seed = r.sampling().seed();
+    std::vector<int32_t> prompt(r.prompt_ids().begin(), r.prompt_ids().end());
+    auto g = engine::Generate(*model_, prompt, r.sampling().max_new_tokens(), p);
+    EXPECT_TRUE(g.ok()) << g.status();
+    return g.ok() ? g->ids : std::vector<int32_t>{};
+  }
+
+  std::unique_ptr<model::Model> model_;
+};
+
+TEST_F(SchedulerTest, BatchedSequencesEqualTheEngineAloneWithSmallBudgets) {
+  SchedulerOptions o;
+  o.max_batch_tokens = 7;  // prefill in chunks mixed with decode tokens
+  o.max_running_sequences = 3;  // the rest queue
+  Scheduler s(model_.get(), o, nullptr);
+  std::vector<v1::SequenceRequest> reqs;
+  for (int i = 0; i < 6; ++i) {
+    std::vector<uint32_t> prompt;
+    for (int j = 0; j < 5 + 3 * i; ++j) prompt.push_back(static_cast<uint32_t>((i * 131 + j * 17) % 1024));
+    reqs.push_back(Request(absl::StrCat("s", i), prompt, 5 + i, i % 2 ? 0.9f : 0.0f, 40 + i));
+  }
+  std::vector<std::shared_ptr<Collector>> sinks;
+  for (const auto& r : reqs) {
+    sinks.push_back(std::make_shared<Collector>());
+    ASSERT_TRUE(s.Submit(r, sinks.back()).ok());
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_TRUE(sinks[i]->Wait()) << i;
+    EXPECT_TRUE(sinks[i]->status().ok()) << sinks[i]->status();
+    EXPECT_EQ(sinks[i]->tokens(), EngineTokens(reqs[i])) << "sequence " << i;
+    EXPECT_EQ(sinks[i]->reason(), v1::FINISH_REASON_LENGTH);
+  }
+  EXPECT_GT(s.steps(), 6);
+}
+
+TEST_F(SchedulerTest, StopTokenEndsWithStopAndIncludesIt) {
+  Scheduler s(model_.get(), {}, nullptr);
+  v1::SequenceRequest r = Request("a", {1, 2, 3, 4}, 12);
+  const std::vector<int32_t> want = EngineTokens(r);
+  ASSERT_GE(want.size(), 3u);
+  r.mutable_sampling()->add_stop_token_ids(static_cast<uint32_t>(want[2]));
+  auto sink = std::make_shared<Collector>();
+  ASSERT_TRUE(s.Submit(r, sink).ok());
+  ASSERT_TRUE(sink->Wait());
+  // The first occurrence of the stop id ends the sequence.
+  std::vector<int32_t> expect;
+  for (int32_t t : want) {
+    expect.push_back(t);
+    if (t == want[2]) break;
+  }
+  EXPECT_EQ(sink->tokens(), expect);
+  EXPECT_EQ(sink->reason(), v1::FINISH_REASON_STOP);
+}
+
+TEST_F(SchedulerTest, LogprobsAreTheEnginesAndTheSeedIsReported) {
+  Scheduler s(model_.get(), {}, nullptr);
+  v1::SequenceRequest r = Request("a", {5, 6, 7}, 3);
+  r.mutable_sampling()->set_logprobs(true);
+  r.mutable_sampling()->set_top_logprobs(3);
+  auto sink = std::make_shared<Collector>();
+  ASSERT_TRUE(s.Submit(r, sink).ok());
+  ASSERT_TRUE(sink->Wait());
+  const auto msgs = sink->messages();
+  ASSERT_EQ(msgs.size(), 3u);
+  EXPECT_NE(msgs[0].seed(), 0u);  // chosen by the system and reported
+  EXPECT_EQ(msgs[0].prompt_tokens(), 3u);
+  // Recompute the first token's logprobs with the engine.
+  model::SequenceState st = model_->NewState();
+  std::vector<int32_t> prompt = {5, 6, 7};
+  model::Segment seg{&st, prompt};
+  auto logits = model_->Forward({&seg, 1}, {});
+  ASSERT_TRUE(logits.ok());
+  const auto top = engine::TopLogprobs(*logits, 3);
+  ASSERT_EQ(msgs[0].logprobs_size(), 1);
+  const v1::TokenLogprob& lp = msgs[0].logprobs(0);
+  EXPECT_EQ(lp.token_id(), static_cast<uint32_t>(top[0].first));  // greedy = most likely
+  EXPECT_EQ(lp.logprob(), top[0].second);
+  ASSERT_EQ(lp.top_size(), 3);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(lp.top(i).token_id(), static_cast<uint32_t>(top[i].first));
+    EXPECT_EQ(lp.top(i).logprob(), top[i].second);
+  }
+}
+
+TEST_F(SchedulerTest, CancelEndsTheSequenceWithCancelled) {
+  Scheduler s(model_.get(), {}, nullptr);
+  auto sink = std::make_shared<Collector>();
+  ASSERT_TRUE(s.Submit(Request("long", {1, 2, 3}, 100000), sink).ok());
+  while (sink->tokens().size() < 2) absl::SleepFor(absl::Milliseconds(1));
+  EXPECT_TRUE(s.Cancel("long"));
+  ASSERT_TRUE(sink->Wait());
+  EXPECT_EQ(sink->reason(), v1::FINISH_REASON_CANCELLED);
+  EXPECT_LT(sink->tokens().size(), 100000u);
+  EXPECT_FALSE(s.Cancel("nobody"));
+  // The id is free again once the sequence has left.
+  for (int i = 0; i < 200 && s.running() + s.queued() > 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  auto again = std::make_shared<Collector>();
+  EXPECT_TRUE(s.Submit(Request("long", {1, 2, 3}, 2), again).ok());
+  ASSERT_TRUE(again->Wait());
+}
+
+TEST_F(SchedulerTest, BadRequestsNameTheField) {
+  Scheduler s(model_.get(), {}, nullptr);
+  auto sink = std::make_shared<Collector>();
+  auto err = [&](const v1::SequenceRequest& r) { return s.Submit(r, sink); };
+  EXPECT_NE(err(Request("", {1}, 1)).message().find("sequence_id"), std::string::npos);
+  EXPECT_NE(err(Request("x", {}, 1)).message().find("prompt_ids"), std::string::npos);
+  EXPECT_NE(err(Request("x", {1, 5000}, 1)).message().find("prompt_ids[1]"), std::string::npos);
+  v1::SequenceRequest bad_t = Request("x", {1}, 1);
+  bad_t.mutable_sampling()->set_temperature(-1);
+  EXPECT_NE(err(bad_t).message().find("sampling.temperature"), std::string::npos);
+  v1::SequenceRequest bad_p = Request("x", {1}, 1);
+  bad_p.mutable_sampling()->set_top_p(1.5f);
+  EXPECT_NE(err(bad_p).message().find("sampling.top_p"), std::string::npos);
+  v1::SequenceRequest bad_stop = Request("x", {1}, 1);
+  bad_stop.mutable_sampling()->add_stop_token_ids(99999);
+  EXPECT_NE(err(bad_stop).message().find("sampling.stop_token_ids"), std::string::npos);
+
+  SchedulerOptions tiny;
+  tiny.state_memory_bytes = 1000;
+  Scheduler small(model_.get(), tiny, nullptr);
+  absl::Status st = small.Submit(Request("big", {1, 2, 3}, 100), sink);
+  EXPECT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << st;
+
+  auto first = std::make_shared<Collector>();
+  ASSERT_TRUE(s.Submit(Request("dup", {1, 2}, 50), first).ok());
+  EXPECT_EQ(s.Submit(Request("dup", {1, 2}, 1), sink).code(), absl::StatusCode::kAlreadyExists);
+  s.Drain();
+  EXPECT_EQ(s.Submit(Request("late", {1}, 1), sink).code(), absl::StatusCode::kUnavailable);
+  ASSERT_TRUE(first->Wait());  // running sequences finish while draining
+  EXPECT_TRUE(first->status().ok());
+}
+
+}  // namespace
+}  // namespace expertmesh::attention_worker
