@@ -29,11 +29,16 @@ function(em_cc_library)
 endfunction()
 
 # em_cc_test(NAME name SOURCES a_test.cc ... [DEPS libs] [TIMEOUT s] [LABELS l])
+# Tests labelled e2e are not defined at all when EM_BUILD_E2E_TESTS is off (guard any
+# add_dependencies on them with `if(TARGET ...)`).
 # Builds one gtest binary (linked to DEPS, default the whole core) and registers each test case
 # with ctest. Tests find shared data and the build through the EM_* definitions. The main() is
 # em_test_main (tests/testing/test_main.cc), not gtest_main: a skipped test fails.
 function(em_cc_test)
   cmake_parse_arguments(T "" "NAME;TIMEOUT" "SOURCES;DEPS;LABELS" ${ARGN})
+  if("e2e" IN_LIST T_LABELS AND NOT EM_BUILD_E2E_TESTS)
+    return()
+  endif()
   add_executable(${T_NAME} ${T_SOURCES})
   em_target_defaults(${T_NAME})
   if(NOT T_DEPS)
