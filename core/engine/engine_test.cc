@@ -52,6 +52,16 @@ TEST(Sampler, KeyedUniformIsInRangeAndSpread) {
   EXPECT_NE(KeyedUniform(1, 2, 3), KeyedUniform(3, 2, 1));
 }
 
+// The draws are part of what a seed means to users (a seeded request gives the same text in
+// every release and on every worker), so their bits are pinned: a change here is a breaking
+// change to be made on purpose. Values recorded when the keyed sampler was introduced.
+TEST(Sampler, KeyedUniformBitsArePinned) {
+  EXPECT_EQ(KeyedUniform(0, 0, 0), 0x1.b3bfdcba00737p-1);
+  EXPECT_EQ(KeyedUniform(1, 0, 7), 0x1.3aa4cbd6a4914p-3);
+  EXPECT_EQ(KeyedUniform(42, 3, 1000000), 0x1.3b55220554a8p-6);
+  EXPECT_EQ(KeyedUniform(0xFFFFFFFFFFFFFFFFull, 1, 123), 0x1.4a9a3eb0380f4p-1);
+}
+
 // The draw for (seed, choice, position) does not depend on what was sampled before it.
 TEST(Sampler, SameKeySameTokenInAnyCallOrder) {
   const std::vector<float> l = {0.3f, 0.1f, 0.0f, -0.2f, 0.25f, 0.05f};
