@@ -28,7 +28,7 @@ int main(int argc, char** argv) {
   bool local_experts = false;
   int64_t max_batch_tokens = 256, max_running = 64, state_mb = 8192, micro_batches = 2;
   int64_t default_max_new = 256, expert_deadline_ms = 10000, expert_retries = 2;
-  int64_t placement_wait_ms = 60000, threads = 0;
+  int64_t placement_wait_ms = 60000, threads = 0, inject_attention_delay_us = 0;
   rpc::FlagSet flags("expertmesh-attention-worker",
                      "Runs sequences: attention, gate, shared expert, sampling; routed experts "
                      "on the expert workers.");
@@ -52,6 +52,8 @@ int main(int argc, char** argv) {
   flags.AddInt("placement-wait-ms", &placement_wait_ms,
                "warn this often while no placement table covers every expert");
   flags.AddInt("threads", &threads, "kernel threads (0 = EM_THREADS or all cores)");
+  flags.AddInt("inject-attention-delay-us", &inject_attention_delay_us,
+               "tests and benchmarks: extra attention time per token row and layer");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv); rc >= 0) return rc;
   auto process = rpc::ServiceProcess::Create("attention-worker", common);
   absl::Status status = process.ok() ? rpc::CheckModelDir(model_dir) : process.status();
@@ -91,6 +93,7 @@ int main(int argc, char** argv) {
   so.state_memory_bytes = state_mb << 20;
   so.micro_batches = static_cast<int>(micro_batches);
   so.default_max_new_tokens = default_max_new;
+  so.inject_attention_delay_us = inject_attention_delay_us;
   // Overall health is liveness; the AttentionWorker service's health is readiness: SERVING
   // only once sequences can run.
   constexpr char kServiceName[] = "expertmesh.v1.AttentionWorker";

@@ -6,6 +6,7 @@
 #include <numeric>
 #include <random>
 #include <set>
+#include <thread>
 
 #include "core/base/log.h"
 
@@ -383,6 +384,12 @@ void Scheduler::RunStep(std::vector<Seq*>& all) {
   std::vector<Pass> passes;
   model::ForwardOptions fo;
   fo.isolate_expert_failures = true;
+  if (options_.inject_attention_delay_us > 0) {
+    const int64_t us = options_.inject_attention_delay_us;
+    fo.before_block = [us](int, int64_t rows) {
+      std::this_thread::sleep_for(std::chrono::microseconds(us * rows));
+    };
+  }
   for (auto& g : mb) {
     if (g.empty()) continue;
     Pass p;

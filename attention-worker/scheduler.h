@@ -44,6 +44,9 @@ struct SchedulerOptions {
   int64_t default_max_new_tokens = 256;
   // Largest top_logprobs a request may ask for.
   int max_top_logprobs = 20;
+  // Tests and benchmarks: extra attention-side time per token row and layer, to show how much
+  // of the experts' time the micro-batch ping-pong hides.
+  int64_t inject_attention_delay_us = 0;
 };
 
 // Receives a sequence's output: messages in order, then exactly one End. Called from the

@@ -491,6 +491,34 @@ TEST_F(ClusterFaultTest, ReplicaTakesOverWhenAnExpertWorkerIsKilled) {
   std::printf("replica kill: attention worker retries %g\n", retries);
 }
 
+// A hung expert worker (SIGSTOP: the connection stays open, nothing answers) costs no request
+// either: its dispatches run into --expert-deadline-ms and are re-sent to the other replica.
+TEST_F(ClusterFaultTest, ReplicaTakesOverWhenAnExpertWorkerHangs) {
+  cli::LocalClusterOptions o = BaseOptions();
+  o.expert_replicas = 2;
+  o.extra_attention_worker_args = {"--expert-deadline-ms=1500", "--expert-retries=3"};
+  ASSERT_NO_FATAL_FAILURE(Start(o));
+  const std::vector<Req> reqs = MakeRequests(16, 4711, 3, 20, 30, 50);
+  const auto want = Reference(*model_, reqs);
+  Streams streams(attention(), reqs, "replica-hang");
+  ASSERT_NO_FATAL_FAILURE(WaitStreaming(streams, 8));
+  const cli::ClusterMember* victim = cluster_->Find("expert-worker-0");
+  ASSERT_NE(victim, nullptr);
+  const bool mid_stream = !streams.all_finished();
+  ASSERT_EQ(kill(victim->pid, SIGSTOP), 0);
+  streams.Join();
+  // Wake it only to end it: a stopped process would hold the cluster's orderly stop.
+  kill(victim->pid, SIGKILL);
+  SCOPED_TRACE(Describe(streams.results()));
+  ExpectAllExact(streams.results(), want, "replica hang");
+  EXPECT_TRUE(mid_stream);
+  const int attn_metrics = cluster_->Find("attention-worker-0")->metrics_port;
+  const double retries =
+      MetricSum(attn_metrics, "expertmesh_attention_expert_dispatch_retries_total");
+  EXPECT_GT(retries, 0);
+  std::printf("replica hang: attention worker retries %g\n", retries);
+}
+
 // Which routed (layer, expert) pairs a request needs over its whole generation, found by running
 // the single-process engine with every routed expert computed through a recording executor.
 class RecordingExecutor : public model::ExpertExecutor {

@@ -264,3 +264,78 @@ TEST_F(GenerateClusterTest, CancelledCallFreesTheSequenceAndErrorsNameTheField) 
 
 }  // namespace
 }  // namespace expertmesh
+
+namespace expertmesh {
+namespace {
+
+// Time between successive tokens of sequence A while sequence B decodes in the same steps:
+// the step time of a two-sequence batch.
+absl::StatusOr<double> TwoSequenceStepSeconds(expertmesh::v1::AttentionWorker::Stub& stub) {
+  auto request = [](const std::string& id, uint32_t first) {
+    expertmesh::v1::SequenceRequest r;
+    r.set_sequence_id(id);
+    r.add_prompt_ids(first);
+    r.mutable_sampling()->set_max_new_tokens(12);
+    return r;
+  };
+  grpc::ClientContext ca, cb;
+  ca.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  cb.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  auto a = stub.Generate(&ca, request("overlap-a", 11));
+  expertmesh::v1::SequenceTokens msg;
+  if (!a->Read(&msg)) return absl::InternalError("A ended early");
+  auto b = stub.Generate(&cb, request("overlap-b", 22));
+  if (!b->Read(&msg)) return absl::InternalError("B ended early");
+  // Both decode together from here; drop one token of A (it may span B's prefill step).
+  if (!a->Read(&msg)) return absl::InternalError("A ended early");
+  std::vector<double> gaps;
+  auto last = std::chrono::steady_clock::now();
+  for (int i = 0; i < 4; ++i) {
+    if (!a->Read(&msg)) return absl::InternalError("A ended early");
+    const auto now = std::chrono::steady_clock::now();
+    gaps.push_back(std::chrono::duration<double>(now - last).count());
+    last = now;
+  }
+  ca.TryCancel();
+  cb.TryCancel();
+  while (a->Read(&msg)) {
+  }
+  while (b->Read(&msg)) {
+  }
+  a->Finish();
+  b->Finish();
+  std::sort(gaps.begin(), gaps.end());
+  return 0.5 * (gaps[1] + gaps[2]);
+}
+
+// With the experts delayed (--inject-delay-ms) and attention given a cost of its own, a step of
+// two micro-batches in ping-pong costs about the larger of attention and expert time, not their
+// sum: one micro-batch's attention runs while the other's experts compute.
+TEST_F(GenerateClusterTest, MicroBatchesHideExpertTimeBehindAttention) {
+  constexpr int kLayers = 4;      // tiny-a's MoE layers
+  constexpr int kAttentionMs = 100;  // per token row and layer
+  constexpr int kExpertMs = 100;     // per dispatch
+  const std::vector<std::string> attention_args = {
+      "--micro-batches", "2", "--inject-attention-delay-us", std::to_string(kAttentionMs * 1000)};
+  // Attention time alone (experts undelayed).
+  ASSERT_NO_FATAL_FAILURE(StartCluster(attention_args));
+  auto attention = TwoSequenceStepSeconds(*stub_);
+  ASSERT_TRUE(attention.ok()) << attention.status();
+  cluster_.reset();
+  ASSERT_NO_FATAL_FAILURE(
+      StartCluster(attention_args, {"--inject-delay-ms", std::to_string(kExpertMs)}));
+  auto both = TwoSequenceStepSeconds(*stub_);
+  ASSERT_TRUE(both.ok()) << both.status();
+  const double expert = kLayers * kExpertMs / 1000.0;
+  const double sum = *attention + expert, larger = std::max(*attention, expert);
+  std::printf("step: attention %.3f s, experts %.3f s, both %.3f s (sum %.3f, max %.3f)\n",
+              *attention, expert, *both, sum, larger);
+  // The injected attention cost is real: two rows, four layers.
+  EXPECT_GE(*attention, 0.9 * 2 * kLayers * kAttentionMs / 1000.0);
+  // Closer to the larger than to the sum.
+  EXPECT_LT(*both, 0.5 * (sum + larger));
+  EXPECT_GE(*both, larger * 0.95);
+}
+
+}  // namespace
+}  // namespace expertmesh

@@ -576,6 +576,7 @@ absl::Status ForwardPass::Advance() {
       ++s.layer;
     }
     if (s.layer == layers.size()) break;
+    if (s.options.before_block) s.options.before_block(layers[s.layer].block, s.b.n);
     absl::Status st = m.StartBlock(layers[s.layer], s.b, s.X, s.lm);
     if (!st.ok()) return fail(st);
     s.waiting = true;

@@ -41,6 +41,9 @@ struct ForwardOptions {
   // ForwardPass::segment_status() while the other segments go on, exact; otherwise the whole
   // pass fails with it. The failed segments' states are then unusable.
   bool isolate_expert_failures = false;
+  // If set, called before each block with the pass's row count (tests and benchmarks use it to
+  // add attention-side work; see the attention worker's --inject-attention-delay-us).
+  std::function<void(int block, int64_t rows)> before_block;
 };
 
 class Model;
