@@ -1,5 +1,8 @@
 #include "gateway/http_api.h"
 
+#include <thread>
+
+#include "gateway/chat_request.h"
 #include "nlohmann/json.hpp"
 
 namespace expertmesh::gateway {
@@ -34,13 +37,44 @@ constexpr char kNotWired[] =
 }  // namespace
 
 HttpApi::HttpApi(std::optional<ModelInfo> model, std::function<RouterHealth()> router_health,
-                 prometheus::Registry& registry)
+                 prometheus::Registry& registry, std::shared_ptr<ChatCompletions> chat)
     : model_(std::move(model)),
       router_health_(std::move(router_health)),
       requests_(prometheus::BuildCounter()
                     .Name("expertmesh_gateway_http_requests_total")
                     .Help("HTTP requests answered, by route and status code.")
-                    .Register(registry)) {}
+                    .Register(registry)),
+      chat_(std::move(chat)) {}
+
+HttpApi::~HttpApi() {
+  std::unique_lock<std::mutex> lock(mu_);
+  idle_.wait(lock, [this] { return running_ == 0; });
+}
+
+HttpResponse HttpApi::ChatCompletion(const HttpRequest& http) {
+  auto request = std::make_shared<ChatRequest>();
+  if (std::optional<ApiError> e = ParseChatRequest(http.body, chat_->model().id, request.get())) {
+    HttpResponse r;
+    r.status = e->status;
+    r.body = e->ToJson();
+    r.headers = e->headers;
+    return r;
+  }
+  HttpResponse r;
+  r.deferred = [this, request](std::shared_ptr<ResponseWriter> writer) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++running_;
+    }
+    std::thread([this, request, writer = std::move(writer)]() mutable {
+      chat_->Run(*request, *writer);
+      writer.reset();
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--running_ == 0) idle_.notify_all();
+    }).detach();
+  };
+  return r;
+}
 
 HttpResponse HttpApi::Handle(const HttpRequest& request) {
   std::string route;
@@ -81,6 +115,7 @@ HttpResponse HttpApi::Route(const HttpRequest& request, std::string* route) {
     }
     return Json(200, {{"object", "list"}, {"data", data}});
   }
+  if (path == "/v1/chat/completions" && post && chat_ != nullptr) return ChatCompletion(request);
   if (path == "/v1/chat/completions" || path == "/v1/completions") {
     if (!post)
       return OpenAiError(405, "use POST " + path, "invalid_request_error", "method_not_allowed");

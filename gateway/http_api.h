@@ -4,10 +4,14 @@
 // it maps an HttpRequest to an HttpResponse and counts requests.
 #pragma once
 
+#include <condition_variable>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 
+#include "gateway/chat_completions.h"
 #include "gateway/http_server.h"
 #include "gateway/model_info.h"
 #include "prometheus/counter.h"
@@ -29,19 +33,28 @@ struct RouterHealth {
 class HttpApi {
  public:
   // `model` empty = none configured. `router_health` is called per /health request
-  // (thread-safe). Registers expertmesh_gateway_http_requests_total in `registry`.
+  // (thread-safe). Registers expertmesh_gateway_http_requests_total in `registry`. `chat` runs
+  // POST /v1/chat/completions (null: 501, as without a tokenizer or workers).
   HttpApi(std::optional<ModelInfo> model, std::function<RouterHealth()> router_health,
-          prometheus::Registry& registry);
+          prometheus::Registry& registry, std::shared_ptr<ChatCompletions> chat = nullptr);
+  // Waits for the generations still running (stop the HTTP server first: that cancels them).
+  ~HttpApi();
 
   // Thread-safe.
   HttpResponse Handle(const HttpRequest& request);
 
  private:
   HttpResponse Route(const HttpRequest& request, std::string* route_label);
+  HttpResponse ChatCompletion(const HttpRequest& request);
 
   const std::optional<ModelInfo> model_;
   const std::function<RouterHealth()> router_health_;
   prometheus::Family<prometheus::Counter>& requests_;
+  const std::shared_ptr<ChatCompletions> chat_;
+  // Generations run on threads of their own; the destructor waits for them.
+  std::mutex mu_;
+  std::condition_variable idle_;
+  int running_ = 0;
 };
 
 }  // namespace expertmesh::gateway

@@ -13,6 +13,10 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -26,8 +30,127 @@ using tcp = asio::ip::tcp;
 namespace {
 // Requests larger than this are refused with 413 (chat requests are kilobytes).
 constexpr uint64_t kBodyLimit = 8 << 20;
-// A connection idle this long is closed.
+// A connection idle this long is closed; also the limit on one write to a stalled client.
 constexpr auto kIdleTimeout = std::chrono::seconds(60);
+// A stream's producer blocks while this much is queued and not yet written (backpressure).
+constexpr size_t kMaxQueuedBytes = 256 << 10;
+
+using Strand = asio::strand<asio::io_context::executor_type>;
+using Executor = asio::any_io_executor;
+
+// The state of one deferred answer, shared by the connection's coroutine (on its strand) and the
+// producer thread (through Writer). The coroutine sleeps on `timer` while nothing is queued;
+// the producer wakes it by posting a cancel to the strand.
+struct Pending : std::enable_shared_from_this<Pending> {
+  enum class Kind { kNone, kWhole, kStream };
+  explicit Pending(Executor s) : strand(std::move(s)) {}
+
+  // With mu held.
+  void Wake() {
+    if (detached || wake_posted) return;
+    wake_posted = true;
+    asio::post(strand, [self = shared_from_this()] {
+      std::lock_guard<std::mutex> lock(self->mu);
+      self->wake_posted = false;
+      if (!self->detached && self->timer != nullptr) self->timer->cancel();
+    });
+  }
+  // The client hung up (or the server stops): runs the callback once.
+  void Gone() {
+    std::function<void()> callback;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (gone) return;
+      gone = true;
+      callback = std::move(on_gone);
+      Wake();
+    }
+    cv.notify_all();
+    if (callback) callback();
+  }
+
+  const Executor strand;  // the connection's
+  std::mutex mu;
+  std::condition_variable cv;           // Write waits here for the queue to drain
+  asio::steady_timer* timer = nullptr;  // the session's; valid while !detached
+  Kind kind = Kind::kNone;
+  HttpResponse whole;
+  int stream_status = 200;
+  std::string stream_type;
+  std::deque<std::string> chunks;
+  size_t queued_bytes = 0;
+  bool ended = false;      // End, Respond, or the writer was dropped
+  bool abandoned = false;  // dropped without an answer
+  bool gone = false;
+  bool detached = false;  // the session no longer waits: nothing may touch the strand
+  bool wake_posted = false;
+  std::function<void()> on_gone;
+};
+
+class Writer final : public ResponseWriter {
+ public:
+  explicit Writer(std::shared_ptr<Pending> p) : p_(std::move(p)) {}
+  ~Writer() override {
+    std::lock_guard<std::mutex> lock(p_->mu);
+    if (!p_->ended) {
+      p_->ended = true;
+      p_->abandoned = true;
+      p_->Wake();
+    }
+  }
+  bool Respond(HttpResponse response) override {
+    std::lock_guard<std::mutex> lock(p_->mu);
+    if (p_->gone || p_->kind != Pending::Kind::kNone) return false;
+    p_->kind = Pending::Kind::kWhole;
+    p_->whole = std::move(response);
+    p_->ended = true;
+    p_->Wake();
+    return true;
+  }
+  bool BeginStream(int status, const std::string& content_type) override {
+    std::lock_guard<std::mutex> lock(p_->mu);
+    if (p_->gone || p_->kind != Pending::Kind::kNone) return false;
+    p_->kind = Pending::Kind::kStream;
+    p_->stream_status = status;
+    p_->stream_type = content_type;
+    p_->Wake();
+    return true;
+  }
+  bool Write(std::string data) override {
+    std::unique_lock<std::mutex> lock(p_->mu);
+    p_->cv.wait(lock, [this] { return p_->gone || p_->queued_bytes < kMaxQueuedBytes; });
+    if (p_->gone || p_->kind != Pending::Kind::kStream || p_->ended) return false;
+    if (data.empty()) return true;  // an empty chunk would end the chunked body
+    p_->queued_bytes += data.size();
+    p_->chunks.push_back(std::move(data));
+    p_->Wake();
+    return true;
+  }
+  void End() override {
+    std::lock_guard<std::mutex> lock(p_->mu);
+    if (p_->ended) return;
+    p_->ended = true;
+    p_->Wake();
+  }
+  bool client_gone() const override {
+    std::lock_guard<std::mutex> lock(p_->mu);
+    return p_->gone;
+  }
+  void OnClientGone(std::function<void()> callback) override {
+    {
+      std::lock_guard<std::mutex> lock(p_->mu);
+      if (!p_->gone) {
+        p_->on_gone = std::move(callback);
+        return;
+      }
+    }
+    callback();
+  }
+
+ private:
+  std::shared_ptr<Pending> p_;
+};
+
 }  // namespace
 
 struct HttpServer::Impl {
@@ -37,11 +160,146 @@ struct HttpServer::Impl {
   std::vector<std::thread> threads;
   int port = 0;
   bool stopped = false;
+  // Deferred answers in progress, so that Stop can tell their producers to give up.
+  std::mutex pending_mu;
+  std::set<std::shared_ptr<Pending>> pending;
 };
 
 namespace {
 
-asio::awaitable<void> Session(tcp::socket socket, HttpServer::Handler* handler) {
+// Watches a connection whose answer is pending: readable with nothing to read = the client hung
+// up. Bytes (a pipelined request) end the watch and stay in the socket for the next read.
+void WatchForHangUp(tcp::socket& socket, std::shared_ptr<Pending> p) {
+  socket.async_wait(tcp::socket::wait_read, [&socket, p](beast::error_code ec) {
+    {
+      std::lock_guard<std::mutex> lock(p->mu);
+      // detached: the session ended the watch (and `socket` may be gone).
+      if (p->detached || p->timer == nullptr) return;
+    }
+    if (!ec) {
+      char c;
+      const size_t n = socket.receive(asio::buffer(&c, 1), tcp::socket::message_peek, ec);
+      if (!ec && n > 0) return;
+      if (ec == asio::error::would_block || ec == asio::error::try_again) {
+        WatchForHangUp(socket, p);
+        return;
+      }
+    }
+    p->Gone();
+  });
+}
+
+http::response<http::string_body> MakeResponse(HttpResponse out, unsigned version,
+                                               bool keep_alive) {
+  http::response<http::string_body> res{static_cast<http::status>(out.status), version};
+  res.set(http::field::server, "expertmesh-gateway");
+  res.set(http::field::content_type, out.content_type);
+  for (auto& [name, value] : out.headers) res.set(name, value);
+  res.keep_alive(keep_alive);
+  res.body() = std::move(out.body);
+  res.prepare_payload();
+  return res;
+}
+
+// Serves one deferred answer. Returns whether the connection may serve another request.
+asio::awaitable<bool> ServeDeferred(beast::tcp_stream& stream, HttpServer::Impl* impl,
+                                    std::function<void(std::shared_ptr<ResponseWriter>)> deferred,
+                                    unsigned version, bool keep_alive) {
+  auto executor = co_await asio::this_coro::executor;
+  auto p = std::make_shared<Pending>(executor);
+  asio::steady_timer timer(executor);
+  p->timer = &timer;
+  {
+    std::lock_guard<std::mutex> lock(impl->pending_mu);
+    impl->pending.insert(p);
+  }
+  deferred(std::make_shared<Writer>(p));
+  WatchForHangUp(stream.socket(), p);
+  bool reusable = false;
+  bool headers_sent = false;
+  beast::error_code ec;
+  while (true) {
+    std::unique_lock<std::mutex> lock(p->mu);
+    if (p->gone) break;
+    if (p->kind == Pending::Kind::kWhole || (p->kind == Pending::Kind::kNone && p->abandoned)) {
+      HttpResponse out = std::move(p->whole);
+      if (p->kind == Pending::Kind::kNone) {
+        out = HttpResponse{};
+        out.status = 500;
+        out.body =
+            "{\"error\":{\"message\":\"the request ended without an answer\",\"type\":"
+            "\"server_error\",\"param\":null,\"code\":null}}";
+      }
+      lock.unlock();
+      auto res = MakeResponse(std::move(out), version, keep_alive);
+      stream.expires_after(kIdleTimeout);
+      co_await http::async_write(stream, res, asio::redirect_error(asio::use_awaitable, ec));
+      reusable = !ec && keep_alive;
+      break;
+    }
+    if (p->kind == Pending::Kind::kStream) {
+      if (!headers_sent) {
+        http::response<http::empty_body> res{static_cast<http::status>(p->stream_status), version};
+        res.set(http::field::server, "expertmesh-gateway");
+        res.set(http::field::content_type, p->stream_type);
+        res.set(http::field::cache_control, "no-cache");
+        res.keep_alive(keep_alive);
+        res.chunked(true);
+        lock.unlock();
+        http::response_serializer<http::empty_body> sr{res};
+        stream.expires_after(kIdleTimeout);
+        co_await http::async_write_header(stream, sr,
+                                          asio::redirect_error(asio::use_awaitable, ec));
+        headers_sent = true;
+        if (ec) break;
+        continue;
+      }
+      if (!p->chunks.empty()) {
+        std::string data;
+        for (std::string& c : p->chunks) data += c;
+        p->chunks.clear();
+        p->queued_bytes = 0;
+        lock.unlock();
+        p->cv.notify_all();
+        stream.expires_after(kIdleTimeout);
+        co_await asio::async_write(stream, http::make_chunk(asio::buffer(data)),
+                                   asio::redirect_error(asio::use_awaitable, ec));
+        if (ec) break;
+        continue;
+      }
+      if (p->ended) {
+        lock.unlock();
+        stream.expires_after(kIdleTimeout);
+        co_await asio::async_write(stream, http::make_chunk_last(),
+                                   asio::redirect_error(asio::use_awaitable, ec));
+        reusable = !ec && keep_alive;
+        break;
+      }
+    }
+    timer.expires_at(asio::steady_timer::time_point::max());
+    lock.unlock();
+    beast::error_code wait_ec;
+    co_await timer.async_wait(asio::redirect_error(asio::use_awaitable, wait_ec));
+  }
+  {
+    std::lock_guard<std::mutex> lock(p->mu);
+    p->detached = true;
+    p->timer = nullptr;
+  }
+  // Aborts the hang-up watch, which must not outlive this answer.
+  beast::error_code cancel_ec;
+  stream.socket().cancel(cancel_ec);
+  if (ec) p->Gone();  // a failed write: the client is gone
+  p->cv.notify_all();
+  {
+    std::lock_guard<std::mutex> lock(impl->pending_mu);
+    impl->pending.erase(p);
+  }
+  co_return reusable;
+}
+
+asio::awaitable<void> Session(tcp::socket socket, HttpServer::Impl* impl) {
+  HttpServer::Handler* handler = &impl->handler;
   beast::tcp_stream stream(std::move(socket));
   beast::flat_buffer buffer;
   beast::error_code ec;
@@ -72,12 +330,13 @@ asio::awaitable<void> Session(tcp::socket socket, HttpServer::Handler* handler) 
                      std::move(req.body())};
       out = (*handler)(in);
     }
-    http::response<http::string_body> res{static_cast<http::status>(out.status), version};
-    res.set(http::field::server, "expertmesh-gateway");
-    res.set(http::field::content_type, out.content_type);
-    res.keep_alive(keep_alive);
-    res.body() = std::move(out.body);
-    res.prepare_payload();
+    if (out.deferred) {
+      const bool reusable =
+          co_await ServeDeferred(stream, impl, std::move(out.deferred), version, keep_alive);
+      if (!reusable) break;
+      continue;
+    }
+    auto res = MakeResponse(std::move(out), version, keep_alive);
     beast::error_code write_ec;
     co_await http::async_write(stream, res, asio::redirect_error(asio::use_awaitable, write_ec));
     if (write_ec || !keep_alive) break;
@@ -88,13 +347,16 @@ asio::awaitable<void> Session(tcp::socket socket, HttpServer::Handler* handler) 
 asio::awaitable<void> Listen(HttpServer::Impl* impl) {
   while (true) {
     beast::error_code ec;
+    // Each connection on its own strand: its coroutine, hang-up watch and wake-ups never run
+    // at once even with several server threads.
+    Strand strand = asio::make_strand(impl->ioc);
     tcp::socket socket =
-        co_await impl->acceptor.async_accept(asio::redirect_error(asio::use_awaitable, ec));
+        co_await impl->acceptor.async_accept(strand, asio::redirect_error(asio::use_awaitable, ec));
     if (ec) {
       if (!impl->acceptor.is_open()) co_return;
       continue;  // e.g. EMFILE: keep serving the connections we have
     }
-    asio::co_spawn(impl->ioc, Session(std::move(socket), &impl->handler), asio::detached);
+    asio::co_spawn(strand, Session(std::move(socket), impl), asio::detached);
   }
 }
 
@@ -134,6 +396,21 @@ int HttpServer::port() const { return impl_->port; }
 void HttpServer::Stop() {
   if (impl_->stopped) return;
   impl_->stopped = true;
+  // Producers of pending answers give up (their client is as good as gone) and never touch the
+  // io_context again.
+  std::vector<std::shared_ptr<Pending>> pending;
+  {
+    std::lock_guard<std::mutex> lock(impl_->pending_mu);
+    pending.assign(impl_->pending.begin(), impl_->pending.end());
+  }
+  for (auto& p : pending) {
+    {
+      std::lock_guard<std::mutex> lock(p->mu);
+      p->detached = true;
+      p->timer = nullptr;
+    }
+    p->Gone();
+  }
   asio::post(impl_->ioc, [impl = impl_.get()] {
     beast::error_code ec;
     impl->acceptor.close(ec);

@@ -1,11 +1,18 @@
 // A small HTTP/1.1 server on Boost.Beast with C++20 coroutines (one coroutine per connection,
 // keep-alive, body limit, idle timeout). Requests go to one handler function; Beast stays out of
 // this header so that the gateway's API logic compiles without it.
+//
+// A handler either answers at once or defers: it returns an HttpResponse whose `deferred` is set
+// and later answers through a ResponseWriter from any thread, as one whole response or as a
+// chunked stream (SSE) written as the data arrives. While a deferred answer is pending the
+// server watches the socket, so that a client that hangs up is noticed before the next write.
 #pragma once
 
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -17,10 +24,38 @@ struct HttpRequest {
   std::string body;
 };
 
+class ResponseWriter;
+
 struct HttpResponse {
   int status = 200;
   std::string content_type = "application/json";
   std::string body;
+  std::vector<std::pair<std::string, std::string>> headers;  // extra headers (e.g. Retry-After)
+  // Set: the answer comes later through the writer (status/body above are ignored). Called once
+  // on a server thread; must return quickly (hand the work to another thread).
+  std::function<void(std::shared_ptr<ResponseWriter>)> deferred;
+};
+
+// Answers one deferred request. Thread-safe. Exactly one of Respond or BeginStream..End should
+// be called; a writer dropped without either answers 500 (or ends the stream).
+class ResponseWriter {
+ public:
+  virtual ~ResponseWriter() = default;
+  // The whole response. False if the client is gone (or an answer was already given).
+  virtual bool Respond(HttpResponse response) = 0;
+  // Sends the status line and headers of a chunked response.
+  virtual bool BeginStream(int status, const std::string& content_type) = 0;
+  // Queues one chunk; it is written as soon as the connection can take it. Blocks while more
+  // than a bounded amount is queued (backpressure from a slow client). False if the client is
+  // gone.
+  virtual bool Write(std::string data) = 0;
+  // Ends the stream (the terminating chunk); the connection may then serve its next request.
+  virtual void End() = 0;
+  // True once the client disconnected (or the server stopped).
+  virtual bool client_gone() const = 0;
+  // `callback` runs once, on some thread, when the client disconnects before the answer ended
+  // (at once if it already has). Used to cancel the work behind the request.
+  virtual void OnClientGone(std::function<void()> callback) = 0;
 };
 
 class HttpServer {

@@ -5,6 +5,8 @@
 #include "core/rpc/channel.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
+#include "core/tokenizer/tokenizer.h"
+#include "gateway/chat_completions.h"
 #include "gateway/gateway_service.h"
 #include "gateway/http_api.h"
 #include "gateway/http_server.h"
@@ -19,8 +21,11 @@ int main(int argc, char** argv) {
   std::string model_dir;
   std::string model_name;
   bool register_with_router = true;
+  std::string tokenizer_path;
+  std::string attention_worker;
+  int64_t generate_timeout_ms = 30 * 60 * 1000;
   base::FlagSet flags("expertmesh-gateway",
-                     "The cluster's HTTP API (OpenAI / Anthropic shaped) and public gRPC API.");
+                      "The cluster's HTTP API (OpenAI / Anthropic shaped) and public gRPC API.");
   common.Register(flags, /*with_router=*/true);
   flags.AddString("http-host", &http_host, "IP address the HTTP API listens on");
   flags.AddInt("http-port", &http_port, "HTTP API port (0 = pick a free port)");
@@ -29,6 +34,14 @@ int main(int argc, char** argv) {
   flags.AddString("model-name", &model_name, "model id in the API (default: the directory name)");
   flags.AddBool("register", &register_with_router,
                 "register with --router as a gateway member (reachability shows on /health)");
+  flags.AddString("tokenizer", &tokenizer_path,
+                  "tokenizer.json (default: the DeepSeek-V4 tokenizer, $EXPERTMESH_TOKENIZER or "
+                  "the one scripts/setup.sh installs)");
+  flags.AddString("attention-worker", &attention_worker,
+                  "send every sequence to this attention worker (host:port) instead of asking "
+                  "--router to pick one");
+  flags.AddInt("generate-timeout-ms", &generate_timeout_ms,
+               "deadline of one Generate call to an attention worker");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv); rc >= 0) return rc;
   if (http_port < 0 || http_port > 65535) {
     std::fprintf(stderr, "--http-port must be 0..65535\n");
@@ -42,6 +55,28 @@ int main(int argc, char** argv) {
     auto info = gateway::LoadModelInfo(model_dir, model_name);
     if (!info.ok()) return rpc::ReportSetupError("expertmesh-gateway: --model", info.status());
     model = *info;
+  }
+  // Generation needs the model and a tokenizer; without them the routes answer 501.
+  std::unique_ptr<tokenizer::Tokenizer> tok;
+  std::shared_ptr<gateway::ChatCompletions> chat;
+  if (model) {
+    auto loaded = tokenizer::LoadTokenizer(tokenizer_path);
+    if (!loaded.ok() && !tokenizer_path.empty()) {
+      return rpc::ReportSetupError("expertmesh-gateway: --tokenizer", loaded.status());
+    }
+    if (loaded.ok()) tok = std::move(*loaded);
+  }
+  if (tok == nullptr && model) {
+    // The default tokenizer is not installed: serve /health and /v1/models, 501 on generation.
+    std::fprintf(stderr,
+                 "expertmesh-gateway: no tokenizer (run scripts/setup.sh or pass --tokenizer); "
+                 "generation routes answer 501\n");
+  } else if (model) {
+    gateway::GenerationOptions gen;
+    gen.router = common.router;
+    gen.attention_worker = attention_worker;
+    gen.generate_timeout = absl::Milliseconds(generate_timeout_ms);
+    chat = std::make_shared<gateway::ChatCompletions>(*model, tok.get(), gen);
   }
   gateway::GatewayService service(model);
   p->AddService(&service);
@@ -69,7 +104,7 @@ int main(int argc, char** argv) {
         }
         return h;
       },
-      p->registry());
+      p->registry(), chat);
   std::unique_ptr<gateway::HttpServer> http;
   if (status.ok()) {
     auto started = gateway::HttpServer::Start(

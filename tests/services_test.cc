@@ -196,7 +196,11 @@ TEST_F(AllServicesTest, WorkersAreMembersAndGatewayReportsTheRouter) {
   auto chat =
       HttpRequest(http, "POST", "/v1/chat/completions", R"({"model":"tiny-a","messages":[]})");
   ASSERT_TRUE(chat.ok());
-  EXPECT_EQ(chat->status, 501);
+  // Validation comes first: an empty conversation is a 400 naming the field.
+  EXPECT_EQ(chat->status, 400) << chat->body;
+  auto error = nlohmann::json::parse(chat->body, nullptr, false);
+  ASSERT_TRUE(error.is_object()) << chat->body;
+  EXPECT_EQ(error["error"]["param"], "messages") << chat->body;
 }
 
 TEST_F(AllServicesTest, UnimplementedRpcsSaySoInsteadOfAnswering) {

@@ -1,0 +1,364 @@
+#include "gateway/chat_completions.h"
+
+#include <atomic>
+#include <random>
+
+#include "absl/strings/str_format.h"
+#include "core/chat/encoder.h"
+#include "core/chat/parser.h"
+#include "core/rpc/channel.h"
+#include "expertmesh/v1/attention_worker.grpc.pb.h"
+#include "expertmesh/v1/router.grpc.pb.h"
+#include "gateway/stop_matcher.h"
+#include "grpcpp/grpcpp.h"
+#include "nlohmann/json.hpp"
+
+namespace expertmesh::gateway {
+namespace {
+
+using nlohmann::json;
+
+std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+std::string NewId() {
+  static std::atomic<uint64_t> counter{0};
+  thread_local std::mt19937_64 rng(std::random_device{}());
+  return absl::StrFormat("chatcmpl-%016x%04x", rng(), counter.fetch_add(1) & 0xffff);
+}
+
+HttpResponse ErrorResponse(const ApiError& e) {
+  HttpResponse r;
+  r.status = e.status;
+  r.body = e.ToJson();
+  r.headers = e.headers;
+  return r;
+}
+
+ApiError Unavailable(const std::string& message) {
+  ApiError e;
+  e.status = 503;
+  e.type = "server_error";
+  e.code = "overloaded";
+  e.message = message;
+  e.headers = {{"Retry-After", "1"}};
+  return e;
+}
+
+// The answer for a Generate call that failed before any token.
+ApiError FromGrpc(const grpc::Status& s, const std::string& address) {
+  const std::string what = "attention worker " + address + ": " + s.error_message();
+  switch (s.error_code()) {
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+    case grpc::StatusCode::UNAVAILABLE:
+      return Unavailable("no attention worker can take the request now (" + what + ")");
+    case grpc::StatusCode::INVALID_ARGUMENT:
+      return InvalidField("", what);
+    case grpc::StatusCode::DEADLINE_EXCEEDED: {
+      ApiError e;
+      e.status = 504;
+      e.type = "server_error";
+      e.code = "timeout";
+      e.message = "generation timed out (" + what + ")";
+      return e;
+    }
+    default: {
+      ApiError e;
+      e.status = 502;
+      e.type = "server_error";
+      e.message = "generation failed (" + what + ")";
+      return e;
+    }
+  }
+}
+
+json DeltaJson(const chat::StreamDelta& d) {
+  json delta = json::object();
+  if (!d.reasoning_content.empty()) delta["reasoning_content"] = d.reasoning_content;
+  if (!d.content.empty()) delta["content"] = d.content;
+  if (!d.tool_calls.empty()) {
+    json calls = json::array();
+    for (const chat::ToolCallDelta& t : d.tool_calls) {
+      json c = {{"index", t.index}};
+      json fn = json::object();
+      if (!t.id.empty()) {
+        c["id"] = t.id;
+        c["type"] = "function";
+      }
+      if (!t.name.empty()) fn["name"] = t.name;
+      fn["arguments"] = t.arguments;
+      c["function"] = fn;
+      calls.push_back(c);
+    }
+    delta["tool_calls"] = calls;
+  }
+  return delta;
+}
+
+// Cancels the Generate call when the client hangs up; the context pointer is cleared before
+// the context dies.
+struct CancelHook {
+  std::mutex mu;
+  grpc::ClientContext* context = nullptr;
+  bool cancelled = false;
+  void Cancel() {
+    std::lock_guard<std::mutex> lock(mu);
+    cancelled = true;
+    if (context != nullptr) context->TryCancel();
+  }
+};
+
+}  // namespace
+
+ChatCompletions::ChatCompletions(ModelInfo model, const tokenizer::Tokenizer* tokenizer,
+                                 GenerationOptions options)
+    : model_(std::move(model)), tokenizer_(tokenizer), options_(std::move(options)) {
+  if (tokenizer_ != nullptr) eos_id_ = tokenizer_->TokenToId(chat::kEos);
+}
+
+std::shared_ptr<grpc::Channel> ChatCompletions::Channel(const std::string& address) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto& c = channels_[address];
+  if (c == nullptr) c = rpc::MakeChannel(address);
+  return c;
+}
+
+std::optional<ApiError> ChatCompletions::PickWorker(const std::string& tenant,
+                                                    std::string* address) {
+  if (!options_.attention_worker.empty()) {
+    *address = options_.attention_worker;
+    return std::nullopt;
+  }
+  if (options_.router.empty()) {
+    return Unavailable("the gateway has neither --router nor --attention-worker");
+  }
+  v1::Router::Stub stub(Channel(options_.router));
+  grpc::ClientContext ctx;
+  rpc::SetTimeout(ctx, options_.pick_timeout);
+  v1::PickAttentionWorkerRequest req;
+  req.set_tenant(tenant);
+  v1::PickAttentionWorkerResponse resp;
+  grpc::Status s = stub.PickAttentionWorker(&ctx, req, &resp);
+  if (!s.ok() || resp.address().empty()) {
+    return Unavailable("no attention worker is available (router " + options_.router + ": " +
+                       (s.ok() ? std::string("empty answer") : s.error_message()) + ")");
+  }
+  *address = resp.address();
+  return std::nullopt;
+}
+
+void ChatCompletions::Run(const ChatRequest& request, ResponseWriter& writer) {
+  if (tokenizer_ == nullptr) {
+    writer.Respond(ErrorResponse(Unavailable("the gateway has no tokenizer loaded")));
+    return;
+  }
+  absl::StatusOr<chat::EncodedChat> encoded = chat::EncodeChat(request.messages, request.encode);
+  if (!encoded.ok()) {
+    writer.Respond(
+        ErrorResponse(InvalidField("messages", std::string(encoded.status().message()))));
+    return;
+  }
+  absl::StatusOr<std::vector<int32_t>> ids = chat::ChatIds(*encoded, *tokenizer_);
+  if (!ids.ok()) {
+    ApiError e =
+        Unavailable("the tokenizer cannot encode the chat: " + std::string(ids.status().message()));
+    e.status = 500;
+    e.headers.clear();
+    writer.Respond(ErrorResponse(e));
+    return;
+  }
+  const uint32_t prompt_tokens = static_cast<uint32_t>(ids->size());
+  uint32_t max_new = request.max_tokens;
+  if (model_.context_length > 0) {
+    if (prompt_tokens >= model_.context_length) {
+      writer.Respond(
+          ErrorResponse(InvalidField("messages", "the prompt is " + std::to_string(prompt_tokens) +
+                                                     " tokens; the model's context is " +
+                                                     std::to_string(model_.context_length))));
+      return;
+    }
+    // More than the context leaves is clamped rather than refused (agents send large values).
+    const uint32_t left = model_.context_length - prompt_tokens;
+    if (max_new == 0 || max_new > left) max_new = left;
+  }
+
+  std::string address;
+  if (std::optional<ApiError> e = PickWorker(request.user, &address)) {
+    writer.Respond(ErrorResponse(*e));
+    return;
+  }
+
+  const std::string id = NewId();
+  const int64_t created = absl::ToUnixSeconds(absl::Now());
+  v1::SequenceRequest seq;
+  seq.set_sequence_id(id);
+  for (int32_t t : *ids) seq.add_prompt_ids(static_cast<uint32_t>(t));
+  v1::SamplingParams* sp = seq.mutable_sampling();
+  sp->set_temperature(static_cast<float>(request.temperature));
+  sp->set_top_p(static_cast<float>(request.top_p));
+  sp->set_top_k(request.top_k);
+  if (request.seed) sp->set_seed(*request.seed);
+  sp->set_max_new_tokens(max_new);
+  if (eos_id_) sp->add_stop_token_ids(static_cast<uint32_t>(*eos_id_));
+
+  v1::AttentionWorker::Stub stub(Channel(address));
+  grpc::ClientContext ctx;
+  rpc::SetTimeout(ctx, options_.generate_timeout);
+  auto hook = std::make_shared<CancelHook>();
+  {
+    std::lock_guard<std::mutex> lock(hook->mu);
+    hook->context = &ctx;
+  }
+  writer.OnClientGone([hook] { hook->Cancel(); });
+  std::unique_ptr<grpc::ClientReader<v1::SequenceTokens>> reader = stub.Generate(&ctx, seq);
+
+  tokenizer::StreamDecoder decoder(*tokenizer_);
+  StopMatcher stop(request.stop);
+  chat::ParseOptions popts;
+  popts.thinking_mode = request.encode.thinking_mode;
+  popts.id_seed = std::hash<std::string>()(id);
+  chat::StreamParser parser(popts);
+
+  auto chunk = [&](json choices, bool with_usage_null) {
+    json c = {{"id", id},
+              {"object", "chat.completion.chunk"},
+              {"created", created},
+              {"model", model_.id},
+              {"choices", std::move(choices)}};
+    if (with_usage_null) c["usage"] = nullptr;
+    return "data: " + Dump(c) + "\n\n";
+  };
+  auto choice = [](json delta, json finish) {
+    return json::array({{{"index", 0},
+                         {"delta", std::move(delta)},
+                         {"logprobs", nullptr},
+                         {"finish_reason", std::move(finish)}}});
+  };
+  bool streaming = false;  // headers sent
+  bool client_ok = true;
+  auto emit = [&](const chat::StreamDelta& d) {
+    if (!request.stream || d.empty() || !client_ok) return;
+    client_ok = writer.Write(chunk(choice(DeltaJson(d), nullptr), request.include_usage));
+  };
+
+  uint32_t completion_tokens = 0;
+  v1::FinishReason worker_finish = v1::FINISH_REASON_UNSPECIFIED;
+  v1::SequenceTokens msg;
+  bool got_any = false;
+  while (reader->Read(&msg)) {
+    if (!got_any) {
+      got_any = true;
+      if (request.stream) {
+        streaming = writer.BeginStream(200, "text/event-stream");
+        client_ok = streaming &&
+                    writer.Write(chunk(choice({{"role", "assistant"}, {"content", ""}}, nullptr),
+                                       request.include_usage));
+      }
+    }
+    for (uint32_t t : msg.token_ids()) {
+      ++completion_tokens;
+      std::string text = decoder.Add(static_cast<int32_t>(t));
+      std::string safe = stop.Feed(text);
+      emit(parser.Feed(safe));
+      if (stop.stopped()) break;
+    }
+    if (msg.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) worker_finish = msg.finish_reason();
+    if (stop.stopped() || !client_ok) {
+      hook->Cancel();
+      break;
+    }
+  }
+  if (stop.stopped() || !client_ok) {
+    while (reader->Read(&msg)) {
+    }
+  }
+  grpc::Status status = reader->Finish();
+  {
+    std::lock_guard<std::mutex> lock(hook->mu);
+    hook->context = nullptr;
+  }
+  if (writer.client_gone() || !client_ok) return;  // nobody to answer; the sequence is freed
+
+  if (!stop.stopped() && !status.ok()) {
+    ApiError e = FromGrpc(status, address);
+    if (!streaming) {
+      writer.Respond(ErrorResponse(e));
+      return;
+    }
+    // After streaming began: an error chunk, then the end marker, never a silently cut stream.
+    writer.Write("data: " + json::parse(e.ToJson()).dump() + "\n\n");
+    writer.Write("data: [DONE]\n\n");
+    writer.End();
+    return;
+  }
+
+  // The end of the text: held bytes, then (on the model's own end) EOS, so the parser settles.
+  std::string tail;
+  if (!stop.stopped()) {
+    tail = stop.Feed(decoder.Flush());
+    tail += stop.Flush();
+  }
+  chat::StreamDelta d = parser.Feed(tail);
+  emit(d);
+  if (!stop.stopped() && worker_finish == v1::FINISH_REASON_STOP) emit(parser.Feed(chat::kEos));
+  emit(parser.Finish());
+  const chat::ParsedMessage& m = parser.message();
+
+  std::string finish = "stop";
+  if (!m.tool_calls.empty()) {
+    finish = "tool_calls";
+  } else if (!stop.stopped() && worker_finish == v1::FINISH_REASON_LENGTH) {
+    finish = "length";
+  }
+  json usage = {{"prompt_tokens", prompt_tokens},
+                {"completion_tokens", completion_tokens},
+                {"total_tokens", prompt_tokens + completion_tokens},
+                {"prompt_tokens_details", {{"cached_tokens", 0}}}};
+
+  if (request.stream) {
+    if (!streaming) {
+      streaming = writer.BeginStream(200, "text/event-stream");
+      if (!streaming ||
+          !writer.Write(chunk(choice({{"role", "assistant"}, {"content", ""}}, nullptr),
+                              request.include_usage))) {
+        return;
+      }
+    }
+    if (!writer.Write(chunk(choice(json::object(), finish), request.include_usage))) return;
+    if (request.include_usage) {
+      json c = {{"id", id},           {"object", "chat.completion.chunk"}, {"created", created},
+                {"model", model_.id}, {"choices", json::array()},          {"usage", usage}};
+      if (!writer.Write("data: " + Dump(c) + "\n\n")) return;
+    }
+    writer.Write("data: [DONE]\n\n");
+    writer.End();
+    return;
+  }
+
+  json message = {{"role", "assistant"}, {"content", m.content}};
+  if (request.encode.thinking_mode == chat::ThinkingMode::kThinking) {
+    message["reasoning_content"] = m.reasoning_content;
+  }
+  if (!m.tool_calls.empty()) {
+    json calls = json::array();
+    for (const chat::ParsedToolCall& t : m.tool_calls) {
+      calls.push_back({{"id", t.id},
+                       {"type", "function"},
+                       {"function", {{"name", t.name}, {"arguments", t.arguments}}}});
+    }
+    message["tool_calls"] = calls;
+  }
+  json body = {{"id", id},
+               {"object", "chat.completion"},
+               {"created", created},
+               {"model", model_.id},
+               {"choices", json::array({{{"index", 0},
+                                         {"message", message},
+                                         {"logprobs", nullptr},
+                                         {"finish_reason", finish}}})},
+               {"usage", usage}};
+  HttpResponse r;
+  r.body = Dump(body);
+  writer.Respond(std::move(r));
+}
+
+}  // namespace expertmesh::gateway

@@ -1,0 +1,321 @@
+// The gateway's OpenAI chat route end to end (issue 9, first slice): a real local cluster (router,
+// kv-store, attention worker, expert worker, gateway) on the default tiny model with the real
+// DeepSeek-V4 tokenizer; requests over HTTP, streamed (SSE) and not.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cli/local_cluster.h"
+#include "core/chat/encoder.h"
+#include "core/rpc/channel.h"
+#include "core/tokenizer/tokenizer.h"
+#include "expertmesh/v1/attention_worker.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/child_process.h"
+
+namespace expertmesh {
+namespace {
+
+using nlohmann::json;
+
+const std::string kCli = std::string(EM_BINARY_DIR) + "/cli/expertmesh";
+
+class GatewayIntegrationTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new std::string(testing::MakeTempDir("em-gateway"));
+    const std::string model = *dir_ + "/tiny";
+    const std::string cmd = kCli + " make-model --preset tiny --seed 0 --out '" + model + "' > '" +
+                            *dir_ + "/make-model.log' 2>&1";
+    ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    cli::LocalClusterOptions o;
+    o.model_dir = model;
+    o.attention_workers = 1;
+    o.expert_workers = 1;
+    o.with_gateway = true;
+    o.http_port = 0;
+    o.base_port = 0;
+    o.quiet = true;
+    auto c = cli::LocalCluster::Start(o);
+    ASSERT_TRUE(c.ok()) << c.status();
+    cluster_ = c->release();
+    auto tok = tokenizer::LoadDefaultTokenizer();
+    ASSERT_TRUE(tok.ok()) << tok.status();
+    tokenizer_ = tok->release();
+  }
+  static void TearDownTestSuite() {
+    delete cluster_;
+    cluster_ = nullptr;
+    delete tokenizer_;
+    if (dir_ != nullptr) std::system(("rm -rf '" + *dir_ + "'").c_str());
+    delete dir_;
+  }
+  void SetUp() override { ASSERT_NE(cluster_, nullptr) << "the cluster did not start"; }
+
+  int HttpPort() const { return cluster_->Find("gateway")->http_port; }
+
+  testing::HttpResponse Post(const json& body) {
+    auto r = testing::HttpRequest(HttpPort(), "POST", "/v1/chat/completions", body.dump(),
+                                  absl::Seconds(60));
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? *r : testing::HttpResponse{};
+  }
+
+  // The SSE events of a streamed answer (the `data:` payloads, [DONE] included).
+  static std::vector<std::string> Events(const std::string& body) {
+    std::vector<std::string> out;
+    size_t pos = 0;
+    while ((pos = body.find("data: ", pos)) != std::string::npos) {
+      const size_t end = body.find("\n\n", pos);
+      out.push_back(body.substr(pos + 6, end - pos - 6));
+      pos = end;
+    }
+    return out;
+  }
+
+  struct Streamed {
+    std::string content;
+    std::string finish_reason;
+    std::vector<json> usage_chunks;
+    bool done = false;
+  };
+  static Streamed Collect(const std::string& body) {
+    Streamed s;
+    for (const std::string& e : Events(body)) {
+      if (e == "[DONE]") {
+        s.done = true;
+        continue;
+      }
+      json j = json::parse(e);
+      EXPECT_FALSE(j.contains("error")) << e;
+      EXPECT_EQ(j["object"], "chat.completion.chunk");
+      if (j["choices"].empty()) {
+        s.usage_chunks.push_back(j["usage"]);
+        continue;
+      }
+      const json& c = j["choices"][0];
+      if (c["delta"].contains("content")) s.content += c["delta"]["content"].get<std::string>();
+      EXPECT_FALSE(c["delta"].contains("reasoning_content"));
+      if (!c["finish_reason"].is_null()) s.finish_reason = c["finish_reason"];
+    }
+    return s;
+  }
+
+  static json Request(int max_tokens, bool stream) {
+    return {{"model", "tiny"},
+            {"messages",
+             {{{"role", "system"}, {"content", "You are terse."}},
+              {{"role", "user"}, {"content", "Name three colours."}}}},
+            {"temperature", 0},
+            {"max_tokens", max_tokens},
+            {"stream", stream}};
+  }
+
+  static std::string* dir_;
+  static cli::LocalCluster* cluster_;
+  static tokenizer::Tokenizer* tokenizer_;
+};
+
+std::string* GatewayIntegrationTest::dir_ = nullptr;
+cli::LocalCluster* GatewayIntegrationTest::cluster_ = nullptr;
+tokenizer::Tokenizer* GatewayIntegrationTest::tokenizer_ = nullptr;
+
+TEST_F(GatewayIntegrationTest, GreedyAnswerEqualsStreamAndDirectGenerate) {
+  testing::HttpResponse whole = Post(Request(12, false));
+  ASSERT_EQ(whole.status, 200) << whole.body;
+  json j = json::parse(whole.body);
+  EXPECT_EQ(j["object"], "chat.completion");
+  EXPECT_EQ(j["model"], "tiny");
+  const std::string content = j["choices"][0]["message"]["content"];
+  const std::string finish = j["choices"][0]["finish_reason"];
+  const json usage = j["usage"];
+  EXPECT_EQ(usage["total_tokens"].get<int>(),
+            usage["prompt_tokens"].get<int>() + usage["completion_tokens"].get<int>());
+  EXPECT_EQ(usage["prompt_tokens_details"]["cached_tokens"], 0);
+  EXPECT_FALSE(j["choices"][0]["message"].contains("reasoning_content"));
+
+  json req = Request(12, true);
+  req["stream_options"] = {{"include_usage", true}};
+  testing::HttpResponse streamed = Post(req);
+  ASSERT_EQ(streamed.status, 200) << streamed.body;
+  EXPECT_EQ(streamed.content_type, "text/event-stream");
+  Streamed s = Collect(streamed.body);
+  EXPECT_EQ(s.content, content);
+  EXPECT_EQ(s.finish_reason, finish);
+  EXPECT_TRUE(s.done);
+  ASSERT_EQ(s.usage_chunks.size(), 1u);
+  EXPECT_EQ(s.usage_chunks[0], usage);
+
+  // The same prompt straight to the attention worker: as many tokens as the usage says.
+  std::vector<chat::Message> msgs(2);
+  msgs[0].role = chat::Role::kSystem;
+  msgs[0].content = "You are terse.";
+  msgs[1].role = chat::Role::kUser;
+  msgs[1].content = "Name three colours.";
+  auto encoded = chat::EncodeChat(msgs, chat::EncodeOptions{});
+  ASSERT_TRUE(encoded.ok()) << encoded.status();
+  auto ids = chat::ChatIds(*encoded, *tokenizer_);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(static_cast<int>(ids->size()), usage["prompt_tokens"].get<int>());
+  v1::SequenceRequest seq;
+  seq.set_sequence_id("direct-1");
+  for (int32_t t : *ids) seq.add_prompt_ids(static_cast<uint32_t>(t));
+  seq.mutable_sampling()->set_max_new_tokens(12);
+  seq.mutable_sampling()->add_stop_token_ids(
+      static_cast<uint32_t>(*tokenizer_->TokenToId(chat::kEos)));
+  v1::AttentionWorker::Stub stub(rpc::MakeChannel(cluster_->attention_worker_addresses()[0]));
+  grpc::ClientContext ctx;
+  rpc::SetTimeout(ctx, absl::Seconds(60));
+  auto reader = stub.Generate(&ctx, seq);
+  v1::SequenceTokens msg;
+  std::vector<int32_t> tokens;
+  while (reader->Read(&msg)) {
+    for (uint32_t t : msg.token_ids()) tokens.push_back(static_cast<int32_t>(t));
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(static_cast<int>(tokens.size()), usage["completion_tokens"].get<int>());
+  EXPECT_EQ(tokenizer_->Decode(tokens), content);
+}
+
+TEST_F(GatewayIntegrationTest, SeededSamplingStreamsWhatTheWholeAnswerSays) {
+  json req = Request(10, false);
+  req["temperature"] = 0.9;
+  req["top_p"] = 0.95;
+  req["top_k"] = 50;
+  req["seed"] = 1234;
+  testing::HttpResponse whole = Post(req);
+  ASSERT_EQ(whole.status, 200) << whole.body;
+  const std::string content = json::parse(whole.body)["choices"][0]["message"]["content"];
+  req["stream"] = true;
+  testing::HttpResponse streamed = Post(req);
+  ASSERT_EQ(streamed.status, 200) << streamed.body;
+  Streamed s = Collect(streamed.body);
+  EXPECT_EQ(s.content, content);
+  EXPECT_TRUE(s.usage_chunks.empty());  // not asked for
+}
+
+TEST_F(GatewayIntegrationTest, StopStringIsNotEmittedAndFinishesWithStop) {
+  testing::HttpResponse whole = Post(Request(16, false));
+  ASSERT_EQ(whole.status, 200) << whole.body;
+  const std::string content = json::parse(whole.body)["choices"][0]["message"]["content"];
+  // Two code points from the middle of the greedy answer.
+  std::vector<size_t> starts;
+  for (size_t i = 0; i < content.size(); ++i) {
+    if ((static_cast<unsigned char>(content[i]) & 0xC0) != 0x80) starts.push_back(i);
+  }
+  ASSERT_GE(starts.size(), 4u) << content;
+  const size_t a = starts[starts.size() / 2];
+  const size_t b =
+      starts.size() / 2 + 2 < starts.size() ? starts[starts.size() / 2 + 2] : content.size();
+  const std::string stop = content.substr(a, b - a);
+  const std::string want = content.substr(0, content.find(stop));
+
+  json req = Request(16, false);
+  req["stop"] = {stop};
+  testing::HttpResponse stopped = Post(req);
+  ASSERT_EQ(stopped.status, 200) << stopped.body;
+  json j = json::parse(stopped.body);
+  EXPECT_EQ(j["choices"][0]["message"]["content"], want) << "stop " << stop;
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "stop");
+
+  req["stream"] = true;
+  testing::HttpResponse streamed = Post(req);
+  ASSERT_EQ(streamed.status, 200) << streamed.body;
+  Streamed s = Collect(streamed.body);
+  EXPECT_EQ(s.content, want);
+  EXPECT_EQ(s.finish_reason, "stop");
+  EXPECT_TRUE(s.done);
+}
+
+TEST_F(GatewayIntegrationTest, ClientDisconnectMidStreamFreesTheSequence) {
+  v1::AttentionWorker::Stub stub(rpc::MakeChannel(cluster_->attention_worker_addresses()[0]));
+  auto active = [&]() {
+    grpc::ClientContext ctx;
+    rpc::SetTimeout(ctx, absl::Seconds(5));
+    v1::SequenceStatusRequest req;
+    v1::SequenceStatusResponse resp;
+    EXPECT_TRUE(stub.GetSequenceStatus(&ctx, req, &resp).ok());
+    return resp.sequences_size();
+  };
+  auto wait_idle = [&] {
+    const absl::Time deadline = absl::Now() + absl::Seconds(30);
+    while (active() != 0 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(50));
+    return active();
+  };
+  // Earlier tests' sequences (a stop string cancels its call) may still be being freed.
+  ASSERT_EQ(wait_idle(), 0);
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(HttpPort()));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  const std::string body = Request(20000, true).dump();
+  const std::string req =
+      "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+      "application/json\r\nContent-Length: " +
+      std::to_string(body.size()) + "\r\n\r\n" + body;
+  ASSERT_EQ(write(fd, req.data(), req.size()), static_cast<ssize_t>(req.size()));
+  std::string got;
+  char buf[4096];
+  // The role chunk and at least one content chunk: the sequence is decoding.
+  while (Events(got).size() < 3) {
+    ssize_t n = read(fd, buf, sizeof buf);
+    ASSERT_GT(n, 0) << got;
+    got.append(buf, n);
+  }
+  EXPECT_EQ(active(), 1);
+  close(fd);
+  EXPECT_EQ(wait_idle(), 0) << "the sequence outlived its client";
+}
+
+TEST_F(GatewayIntegrationTest, ThinkingPutsReasoningInItsOwnField) {
+  json req = Request(12, false);
+  req["reasoning_effort"] = "high";
+  testing::HttpResponse whole = Post(req);
+  ASSERT_EQ(whole.status, 200) << whole.body;
+  const json message = json::parse(whole.body)["choices"][0]["message"];
+  ASSERT_TRUE(message.contains("reasoning_content")) << message.dump();
+  req["stream"] = true;
+  testing::HttpResponse streamed = Post(req);
+  ASSERT_EQ(streamed.status, 200) << streamed.body;
+  std::string reasoning, content;
+  for (const std::string& e : Events(streamed.body)) {
+    if (e == "[DONE]") continue;
+    const json d = json::parse(e)["choices"][0]["delta"];
+    if (d.contains("reasoning_content")) reasoning += d["reasoning_content"].get<std::string>();
+    if (d.contains("content")) content += d["content"].get<std::string>();
+  }
+  EXPECT_EQ(reasoning, message["reasoning_content"]);
+  EXPECT_EQ(content, message["content"]);
+  // Twelve tokens of a random model do not close </think>: everything is reasoning.
+  EXPECT_FALSE(reasoning.empty());
+}
+
+TEST_F(GatewayIntegrationTest, BadRequestsAreRefusedNamingTheField) {
+  json req = Request(4, false);
+  req["temperature"] = 5;
+  testing::HttpResponse r = Post(req);
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(json::parse(r.body)["error"]["param"], "temperature");
+  req = Request(4, false);
+  req["model"] = "nope";
+  r = Post(req);
+  EXPECT_EQ(r.status, 404);
+  req = Request(4, false);
+  req["response_format"] = {{"type", "json_schema"}};
+  r = Post(req);
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(json::parse(r.body)["error"]["param"], "response_format");
+}
+
+}  // namespace
+}  // namespace expertmesh
