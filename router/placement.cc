@@ -285,6 +285,30 @@ Assignment ComputePlacement(const PlacementInput& in) {
     }
     if (!moved) break;
   }
+
+  // Preferred replica first. An attention worker sends an expert's rows to the first listed
+  // replica, so if every list started with the same worker (the fill above picks the lowest
+  // id on ties) the other replicas would only ever serve retries. Spread the first place over
+  // the holders, per layer first (one dispatch per worker per layer runs in parallel), then
+  // overall. Pinned lists keep the order their file gave.
+  std::map<uint64_t, std::map<uint32_t, size_t>> first_in_layer;
+  std::map<uint64_t, size_t> first;
+  for (const ExpertKey& key : in.keys) {
+    std::vector<uint64_t>& ids = out[key];
+    if (ids.empty()) continue;
+    if (ids.size() > 1 && !in.pinned.count(key)) {
+      size_t best = 0;
+      for (size_t i = 1; i < ids.size(); ++i) {
+        const auto rank = [&](uint64_t id) {
+          return std::make_pair(first_in_layer[id][key.layer], first[id]);
+        };
+        if (rank(ids[i]) < rank(ids[best])) best = i;
+      }
+      std::rotate(ids.begin(), ids.begin() + best, ids.begin() + best + 1);
+    }
+    first_in_layer[ids[0]][key.layer]++;
+    first[ids[0]]++;
+  }
   return out;
 }
 
@@ -533,14 +557,17 @@ bool PlacementManager::Reconcile() {
                         {"error", status.ToString()}});
     }
     // Only workers that hold an expert may be listed for it: drop failed loads and workers that
-    // left meanwhile, falling back to the current holders.
+    // left meanwhile, falling back to the current holders. A draining holder is no fallback: its
+    // experts with nowhere else to go are unplaced, or it would never be drained (the last
+    // expert worker of a stopping cluster waited out its whole drain timeout).
     for (auto& [key, ids] : target) {
       std::erase_if(ids, [&](uint64_t id) {
         return failed.count({id, key}) > 0 || workers_.count(id) == 0;
       });
       if (ids.empty()) {
         for (uint64_t id : assignment_[key]) {
-          if (workers_.count(id) > 0) ids.push_back(id);
+          auto w = workers_.find(id);
+          if (w != workers_.end() && !w->second.draining) ids.push_back(id);
         }
       }
     }

@@ -160,6 +160,21 @@ TEST(ComputePlacementTest, ReplicasAreDistinctWorkersAndLimitedByWorkerCount) {
   for (const auto& [k, ids] : three_of_two) EXPECT_EQ(ids.size(), 2u) << KeyName(k);
 }
 
+TEST(ComputePlacementTest, PreferredReplicaIsSpreadOverTheHolders) {
+  // With every expert on both workers, each must still be first for half of every layer:
+  // attention workers send an expert's rows to its first replica.
+  const ModelShape shape = Shape(3, 0, 8);
+  Assignment a = ComputePlacement(Input(shape, 2, {1, 2}));
+  for (uint32_t layer = 0; layer < 3; ++layer) {
+    std::map<uint64_t, int> per;
+    for (uint32_t e = 0; e < 8; ++e) per[a[{layer, e}][0]]++;
+    EXPECT_EQ(per[1], 4) << "layer " << layer;
+    EXPECT_EQ(per[2], 4) << "layer " << layer;
+  }
+  // The same input gives the same order (placement is deterministic).
+  EXPECT_EQ(ComputePlacement(Input(shape, 2, {1, 2})), a);
+}
+
 TEST(ComputePlacementTest, JoiningWorkerTakesAFairShareAndNothingElseMoves) {
   const ModelShape shape = Shape(3, 1, 8);  // 32 experts
   Assignment before = ComputePlacement(Input(shape, 1, {1, 2}));
@@ -459,6 +474,26 @@ TEST_F(PlacementManagerTest, DrainWithoutAttentionWorkersIsImmediateAfterPublish
   ASSERT_TRUE(manager_->Reconcile());
   EXPECT_FALSE(manager_->Heartbeat(1, 0, true).drained);
   ASSERT_TRUE(manager_->Reconcile());
+  EXPECT_TRUE(manager_->Heartbeat(1, 0, true).drained);
+}
+
+TEST_F(PlacementManagerTest, LastExpertWorkerDrainsWithItsExpertsUnplaced) {
+  // Nowhere to move its experts: a version lists them as unplaced, and the drain completes once
+  // the attention worker follows (instead of the worker waiting out its drain timeout).
+  Make();
+  AddAttention(100);
+  AddExpert(1);
+  ASSERT_TRUE(manager_->Reconcile());
+  const uint64_t v1 = manager_->version();
+  manager_->Heartbeat(100, v1, false);
+  EXPECT_FALSE(manager_->Heartbeat(1, 0, /*draining=*/true).drained);
+  ASSERT_TRUE(manager_->Reconcile());
+  const uint64_t v2 = manager_->version();
+  EXPECT_EQ(v2, v1 + 1);
+  EXPECT_TRUE(ListedOn(1).empty());
+  EXPECT_EQ(manager_->table()->unplaced_size(), 12);
+  EXPECT_FALSE(manager_->Heartbeat(1, 0, true).drained) << "attention still on " << v1;
+  manager_->Heartbeat(100, v2, false);
   EXPECT_TRUE(manager_->Heartbeat(1, 0, true).drained);
 }
 

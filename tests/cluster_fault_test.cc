@@ -11,12 +11,14 @@
 // to land while streams run. Nothing asserts a duration; waits poll with generous timeouts.
 #include <signal.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -284,7 +286,9 @@ class ClusterFaultTest : public ::testing::Test {
     o.http_port = 0;
     o.quiet = true;
     o.log_level = "warning";
-    o.lease_ms = 1500;
+    // Short enough that a lost worker is re-placed within a test, long enough (heartbeats every
+    // second) that a loaded machine does not expire a healthy one.
+    o.lease_ms = 3000;
     // A drain must be able to wait for the attention worker to move on, even when slow.
     o.expert_drain_timeout_ms = 30000;
     o.extra_attention_worker_args = {"--expert-deadline-ms=5000", "--expert-retries=3"};
@@ -504,6 +508,10 @@ TEST_F(ClusterFaultTest, ReplicaTakesOverWhenAnExpertWorkerHangs) {
   ASSERT_NO_FATAL_FAILURE(WaitStreaming(streams, 8));
   const cli::ClusterMember* victim = cluster_->Find("expert-worker-0");
   ASSERT_NE(victim, nullptr);
+  ASSERT_TRUE(WaitUntil(
+      [&] { return MetricSum(victim->metrics_port, "expertmesh_expert_dispatches_total") > 0; },
+      kEventTimeout))
+      << "the victim never served a dispatch";
   const bool mid_stream = !streams.all_finished();
   ASSERT_EQ(kill(victim->pid, SIGSTOP), 0);
   streams.Join();
@@ -544,7 +552,24 @@ class RecordingExecutor : public model::ExpertExecutor {
 // SIGKILL ends exactly the requests that need that expert (UNAVAILABLE naming it, well within
 // the stream deadline), the others finish exact, and once the router re-placed the expert new
 // requests work again.
-TEST_F(ClusterFaultTest, KillWithoutReplicaEndsOnlyTheAffectedRequests) {
+class ClusterFaultPinnedTest : public ClusterFaultTest {
+ protected:
+  // Loses the worker of the pinned victim expert by `sig` (SIGKILL: connections refused;
+  // SIGSTOP: a hang that only the dispatch deadline ends) while 16 streams run.
+  void LoseTheVictimsWorker(int sig);
+};
+
+TEST_F(ClusterFaultPinnedTest, KillWithoutReplicaEndsOnlyTheAffectedRequests) {
+  LoseTheVictimsWorker(SIGKILL);
+}
+
+// The same with a hung worker (SIGSTOP): the affected requests end at the dispatch deadline,
+// and the others wait for it but go on exact.
+TEST_F(ClusterFaultPinnedTest, HangWithoutReplicaEndsOnlyTheAffectedRequests) {
+  LoseTheVictimsWorker(SIGSTOP);
+}
+
+void ClusterFaultPinnedTest::LoseTheVictimsWorker(int sig) {
   const int L = model_->config().num_hidden_layers;
   const int E = model_->config().n_routed_experts;
   // Candidates: short prompts and modest lengths, so that some of them never route to a given
@@ -608,7 +633,15 @@ TEST_F(ClusterFaultTest, KillWithoutReplicaEndsOnlyTheAffectedRequests) {
   std::ofstream(pin) << "{\"placement\": [\n" << entries << "\n]}\n";
   cli::LocalClusterOptions o = BaseOptions();
   o.extra_router_args = {"--placement-file=" + pin};
-  o.extra_attention_worker_args = {"--expert-deadline-ms=3000", "--expert-retries=2"};
+  if (sig == SIGKILL) {
+    o.lease_ms = 2000;
+    o.extra_attention_worker_args = {"--expert-deadline-ms=3000", "--expert-retries=2"};
+  } else {
+    // A hang is noticed only by the dispatch deadline; the lease is longer so that the
+    // deadline, not the router's re-placement, decides the affected requests.
+    o.lease_ms = 8000;
+    o.extra_attention_worker_args = {"--expert-deadline-ms=2500", "--expert-retries=2"};
+  }
   // Slow steps: the affected requests need the victim again after it died.
   o.extra_expert_worker_args = {"--inject-delay-ms=30"};
   ASSERT_NO_FATAL_FAILURE(Start(o));
@@ -634,9 +667,11 @@ TEST_F(ClusterFaultTest, KillWithoutReplicaEndsOnlyTheAffectedRequests) {
 
   Streams streams(attention(), reqs, "pinned-kill");
   ASSERT_NO_FATAL_FAILURE(WaitStreaming(streams, 12));
-  ASSERT_EQ(kill(victim_member->pid, SIGKILL), 0);
+  ASSERT_EQ(kill(victim_member->pid, sig), 0);
   const absl::Time killed_at = absl::Now();
   streams.Join();
+  // A stopped worker is ended now: it would hold the cluster's orderly stop.
+  if (sig != SIGKILL) kill(victim_member->pid, SIGKILL);
   const auto& got = streams.results();
   SCOPED_TRACE(Describe(got));
   const std::string named = absl::StrCat("(layer ", victim.first, ", expert ", victim.second, ")");
@@ -665,10 +700,12 @@ TEST_F(ClusterFaultTest, KillWithoutReplicaEndsOnlyTheAffectedRequests) {
         << "request " << i << " streamed tokens of another run";
     EXPECT_LT(got[i].elapsed, kStreamDeadline);
   }
-  EXPECT_GT(failed, 0) << "no affected request failed: the kill landed after they needed it";
-  std::printf("pinned kill: %d of %d affected requests ended UNAVAILABLE; streams done %s after "
-              "the kill\n",
-              failed, n_affected, absl::FormatDuration(absl::Now() - killed_at).c_str());
+  // Requests that need the victim before the router re-places it fail: at once after a kill
+  // (the connection is refused), at the dispatch deadline after a hang.
+  EXPECT_GT(failed, 0) << "no affected request failed: the signal landed after they needed it";
+  std::printf("pinned %s: %d of %d affected requests ended UNAVAILABLE; streams done %s after "
+              "the signal\n",
+              strsignal(sig), failed, n_affected, absl::FormatDuration(absl::Now() - killed_at).c_str());
 
   // The lease runs out, the router re-places the victim on the surviving worker, and requests
   // that need it work again.
@@ -739,6 +776,10 @@ TEST_F(ClusterFaultTest, RouterRestartUnderLoad) {
   ASSERT_TRUE(restarted) << "the router was not restarted";
   ASSERT_TRUE(rebuilt) << "the restarted router did not rebuild a complete table";
   for (uint64_t v : seen) EXPECT_GE(v, before->version()) << "version went backwards";
+  // The attention worker never routes with an older table than it had.
+  EXPECT_GE(MetricSum(cluster_->Find("attention-worker-0")->metrics_port,
+                      "expertmesh_attention_placement_version"),
+            static_cast<double>(before->version()));
   streams.Join();
   SCOPED_TRACE(Describe(streams.results()));
   ExpectAllExact(streams.results(), want, "router restart");
