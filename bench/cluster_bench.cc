@@ -27,28 +27,19 @@
 #include "absl/strings/str_split.h"
 #include "cli/cluster_experts.h"
 #include "core/kernels/matmul.h"
+#include "bench/bench_util.h"
 #include "core/model/model.h"
 #include "core/model/model_maker.h"
 
 namespace {
 
 using namespace expertmesh;
-using Clock = std::chrono::steady_clock;
+using bench::Clock;
 
-double Seconds(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
+using bench::Median;
+using bench::Seconds;
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-int Fail(const absl::Status& s) {
-  std::fprintf(stderr, "cluster_bench: %s\n", std::string(s.message()).c_str());
-  return 1;
-}
+int Fail(const absl::Status& s) { return bench::Fail("cluster_bench", s); }
 
 // B sequences with a prefilled prompt each, decoding greedily in steps of `micro` micro-batches
 // that ping-pong at the MoE (as the attention worker's scheduler does).

@@ -17,16 +17,7 @@ absl::StatusOr<std::unique_ptr<ClusterExperts>> ClusterExperts::Start(
     return absl::InvalidArgumentError("--cluster: need at least 1 expert worker");
   }
   std::unique_ptr<ClusterExperts> c(new ClusterExperts());
-  LocalClusterOptions o;
-  o.model_dir = model_dir;
-  o.attention_workers = 0;
-  o.expert_workers = expert_workers;
-  o.with_kv_store = false;
-  o.with_gateway = false;
-  o.base_port = 0;
-  o.http_port = 0;
-  o.quiet = true;
-  o.log_level = "warning";
+  LocalClusterOptions o = SmallClusterOptions(model_dir, 0, expert_workers);
   o.extra_expert_worker_args = std::move(extra_expert_worker_args);
   EM_ASSIGN_OR_RETURN(c->cluster_, LocalCluster::Start(o));
   c->placement_ = std::make_unique<attention_worker::PlacementClient>(c->cluster_->router_address());

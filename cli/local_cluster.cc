@@ -131,6 +131,21 @@ std::string HelpText(const std::string& binary) {
 
 }  // namespace
 
+LocalClusterOptions SmallClusterOptions(const std::string& model_dir, int attention_workers,
+                                        int expert_workers) {
+  LocalClusterOptions o;
+  o.model_dir = model_dir;
+  o.attention_workers = attention_workers;
+  o.expert_workers = expert_workers;
+  o.with_kv_store = false;
+  o.with_gateway = false;
+  o.base_port = 0;
+  o.http_port = 0;
+  o.quiet = true;
+  o.log_level = "warning";
+  return o;
+}
+
 PortLayout PortsFor(int base_port, int index, int service_count) {
   if (base_port == 0) return {};
   return {base_port + index, base_port + index + std::max(10, service_count)};

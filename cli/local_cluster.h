@@ -73,6 +73,12 @@ struct LocalClusterOptions {
   absl::Duration max_restart_backoff = absl::Seconds(8);
 };
 
+// Options for a small throwaway cluster on `model_dir` (tests, `--cluster N`, benchmarks):
+// A attention workers and E expert workers with a router, no kv-store, no gateway, every port
+// picked freely, quiet, logging warnings only.
+LocalClusterOptions SmallClusterOptions(const std::string& model_dir, int attention_workers,
+                                        int expert_workers);
+
 // The port scheme for a base port B and N services in start order (router, kv-store,
 // attention-worker-0.., expert-worker-0.., gateway; absent services take no slot): service i
 // listens on B+i for gRPC and B+i+max(10, N) for metrics, so that the default cluster keeps

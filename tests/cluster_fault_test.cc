@@ -43,6 +43,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "tests/testing/child_process.h"
+#include "tests/testing/cluster_requests.h"
 #include "tests/testing/prom_text.h"
 
 namespace expertmesh {
@@ -122,47 +123,26 @@ int ExpertsOn(const v1::PlacementTable& table, uint64_t worker_id) {
   return n;
 }
 
-struct Req {
-  std::vector<int32_t> prompt;
-  engine::SamplingParams sampling;
-  int max_new = 0;
-};
+using Req = testing::GenRequest;
 
-// `count` requests from a fixed xorshift stream `seed`: prompts of [min_prompt, max_prompt]
-// tokens, [min_new, max_new] new tokens, greedy and seeded sampling alternating.
 std::vector<Req> MakeRequests(int count, uint64_t seed, int min_prompt, int max_prompt,
                               int min_new, int max_new) {
-  std::vector<Req> reqs;
-  uint64_t x = seed;
-  auto next = [&] {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return x;
-  };
-  for (int i = 0; i < count; ++i) {
-    Req r;
-    const int len = min_prompt + static_cast<int>(next() % (max_prompt - min_prompt + 1));
-    for (int j = 0; j < len; ++j) r.prompt.push_back(static_cast<int32_t>(next() % 1024));
-    if (i % 2 == 1) {
-      r.sampling.temperature = 0.8;
-      r.sampling.top_p = 0.95;
-      r.sampling.top_k = i % 4 == 1 ? 50 : 0;
-      r.sampling.seed = seed + 1000 + i;
-    }
-    r.max_new = min_new + static_cast<int>(next() % (max_new - min_new + 1));
-    reqs.push_back(r);
-  }
-  return reqs;
+  testing::GenRequestSpec spec;
+  spec.min_prompt = min_prompt;
+  spec.max_prompt = max_prompt;
+  spec.min_new = min_new;
+  spec.max_new = max_new;
+  spec.salt = seed;
+  return testing::MakeGenRequests(count, spec);
 }
 
 // The undisturbed run of each request: the single-process engine, one request at a time.
 std::vector<std::vector<int32_t>> Reference(model::Model& m, const std::vector<Req>& reqs) {
   std::vector<std::vector<int32_t>> want;
   for (const Req& r : reqs) {
-    auto g = engine::Generate(m, r.prompt, r.max_new, r.sampling);
+    auto g = testing::EngineTokens(m, r);
     EXPECT_TRUE(g.ok()) << g.status();
-    want.push_back(g.ok() ? g->ids : std::vector<int32_t>{});
+    want.push_back(g.ok() ? *g : std::vector<int32_t>{});
   }
   return want;
 }
@@ -275,17 +255,8 @@ class ClusterFaultTest : public ::testing::Test {
   }
 
   cli::LocalClusterOptions BaseOptions() const {
-    cli::LocalClusterOptions o;
+    cli::LocalClusterOptions o = cli::SmallClusterOptions(kModel, 1, 2);
     o.bin_dir = EM_BINARY_DIR;
-    o.model_dir = kModel;
-    o.attention_workers = 1;
-    o.expert_workers = 2;
-    o.with_kv_store = false;
-    o.with_gateway = false;
-    o.base_port = 0;
-    o.http_port = 0;
-    o.quiet = true;
-    o.log_level = "warning";
     // Short enough that a lost worker is re-placed within a test, long enough (heartbeats every
     // second) that a loaded machine does not expire a healthy one.
     o.lease_ms = 3000;

@@ -143,17 +143,8 @@ class GenerateClusterTest : public ::testing::Test {
  protected:
   void StartCluster(std::vector<std::string> attention_args = {},
                     std::vector<std::string> expert_args = {}) {
-    cli::LocalClusterOptions o;
+    cli::LocalClusterOptions o = cli::SmallClusterOptions(kModel, 1, 2);
     o.bin_dir = EM_BINARY_DIR;
-    o.model_dir = kModel;
-    o.attention_workers = 1;
-    o.expert_workers = 2;
-    o.with_kv_store = false;
-    o.with_gateway = false;
-    o.base_port = 0;
-    o.http_port = 0;
-    o.quiet = true;
-    o.log_level = "warning";
     o.lease_ms = 3000;
     o.extra_attention_worker_args = std::move(attention_args);
     o.extra_expert_worker_args = std::move(expert_args);

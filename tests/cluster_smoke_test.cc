@@ -15,17 +15,8 @@ namespace {
 
 TEST(ClusterSmokeTest, FourStreamsEqualTheEngine) {
   const std::string model_dir = std::string(EM_SHARED_DIR) + "/golden/tiny-a";
-  cli::LocalClusterOptions o;
+  cli::LocalClusterOptions o = cli::SmallClusterOptions(model_dir, 1, 2);
   o.bin_dir = EM_BINARY_DIR;
-  o.model_dir = model_dir;
-  o.attention_workers = 1;
-  o.expert_workers = 2;
-  o.with_kv_store = false;
-  o.with_gateway = false;
-  o.base_port = 0;
-  o.http_port = 0;
-  o.quiet = true;
-  o.log_level = "warning";
   o.ready_timeout = absl::Seconds(120);
   auto cluster = cli::LocalCluster::Start(o);
   ASSERT_TRUE(cluster.ok()) << cluster.status();

@@ -349,17 +349,11 @@ TEST(MetricListDocTest, ListsWhatIssue8Adds) {
 class MetricListClusterTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    cli::LocalClusterOptions o;
+    cli::LocalClusterOptions o =
+        cli::SmallClusterOptions(std::string(EM_SHARED_DIR) + "/golden/tiny-a", 1, 2);
     o.bin_dir = EM_BINARY_DIR;
-    o.model_dir = std::string(EM_SHARED_DIR) + "/golden/tiny-a";
-    o.attention_workers = 1;
-    o.expert_workers = 2;
     o.with_kv_store = true;
     o.with_gateway = true;
-    o.base_port = 0;
-    o.http_port = 0;
-    o.quiet = true;
-    o.log_level = "warning";
     o.ready_timeout = absl::Seconds(120);  // a loaded 2-core CI machine
     auto c = cli::LocalCluster::Start(o);
     ASSERT_TRUE(c.ok()) << c.status();

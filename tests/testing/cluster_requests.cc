@@ -7,8 +7,17 @@
 namespace expertmesh::testing {
 
 std::vector<GenRequest> MakeGenRequests(int count, int vocab, int min_new, uint64_t salt) {
+  GenRequestSpec spec;
+  spec.vocab = vocab;
+  spec.min_new = min_new;
+  spec.max_new = min_new + 11;
+  spec.salt = salt;
+  return MakeGenRequests(count, spec);
+}
+
+std::vector<GenRequest> MakeGenRequests(int count, const GenRequestSpec& spec) {
   std::vector<GenRequest> reqs;
-  uint64_t x = salt | 1;
+  uint64_t x = spec.salt | 1;
   auto next = [&] {
     x ^= x << 13;
     x ^= x >> 7;
@@ -17,15 +26,16 @@ std::vector<GenRequest> MakeGenRequests(int count, int vocab, int min_new, uint6
   };
   for (int i = 0; i < count; ++i) {
     GenRequest r;
-    const int len = 3 + static_cast<int>(next() % 60);
-    for (int j = 0; j < len; ++j) r.prompt.push_back(static_cast<int32_t>(next() % vocab));
+    const int len =
+        spec.min_prompt + static_cast<int>(next() % (spec.max_prompt - spec.min_prompt + 1));
+    for (int j = 0; j < len; ++j) r.prompt.push_back(static_cast<int32_t>(next() % spec.vocab));
     if (i % 2 == 1) {
       r.sampling.temperature = 0.8;
       r.sampling.top_p = 0.95;
       r.sampling.top_k = i % 4 == 1 ? 50 : 0;
-      r.sampling.seed = 1000 + static_cast<uint64_t>(i);
+      r.sampling.seed = spec.salt + 1000 + static_cast<uint64_t>(i);
     }
-    r.max_new = min_new + static_cast<int>(next() % 12);
+    r.max_new = spec.min_new + static_cast<int>(next() % (spec.max_new - spec.min_new + 1));
     reqs.push_back(r);
   }
   return reqs;

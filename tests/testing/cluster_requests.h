@@ -21,8 +21,16 @@ struct GenRequest {
   int max_new = 0;
 };
 
-// `count` requests with prompts of 3..62 tokens below `vocab`, every other one sampled with a
-// seed, max_new in [min_new, min_new + 11].
+// What MakeGenRequests draws from: prompts of [min_prompt, max_prompt] tokens below `vocab`,
+// [min_new, max_new] new tokens, greedy and seeded sampling alternating; `salt` picks the stream.
+struct GenRequestSpec {
+  int vocab = 1024;
+  int min_prompt = 3, max_prompt = 62;
+  int min_new = 4, max_new = 15;
+  uint64_t salt = 12345;
+};
+std::vector<GenRequest> MakeGenRequests(int count, const GenRequestSpec& spec);
+// The default spec with another vocabulary, minimum of new tokens (max = min + 11) and salt.
 std::vector<GenRequest> MakeGenRequests(int count, int vocab, int min_new = 4,
                                         uint64_t salt = 12345);
 
