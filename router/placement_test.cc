@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <map>
+#include <mutex>
 #include <set>
 
 #include "core/base/mapped_file.h"
@@ -14,11 +15,13 @@ namespace {
 
 using base::FakeClock;
 
-// Records what the protocol asks of expert workers and holds what each has loaded.
+// Records what the protocol asks of expert workers and holds what each has loaded. The
+// manager loads on several workers at once, from one thread each, hence the lock.
 class FakeLoader final : public ExpertLoader {
  public:
   absl::Status Load(uint64_t id, const std::string& address, const std::vector<ExpertKey>& experts,
                     uint64_t version) override {
+    std::lock_guard<std::mutex> lock(mu);
     loads.push_back({id, experts, version});
     if (failing.count(address)) return absl::UnavailableError("fake load failure at " + address);
     loaded[id].insert(experts.begin(), experts.end());
@@ -26,6 +29,7 @@ class FakeLoader final : public ExpertLoader {
   }
   absl::Status Unload(uint64_t id, const std::string& address,
                       const std::vector<ExpertKey>& experts) override {
+    std::lock_guard<std::mutex> lock(mu);
     unloads.push_back({id, experts, 0});
     for (const ExpertKey& k : experts) loaded[id].erase(k);
     return absl::OkStatus();
@@ -38,6 +42,7 @@ class FakeLoader final : public ExpertLoader {
   std::vector<Call> loads, unloads;
   std::map<uint64_t, std::set<ExpertKey>> loaded;
   std::set<std::string> failing;
+  std::mutex mu;
 };
 
 ModelShape Shape(int layers, int mtp, int experts) {
