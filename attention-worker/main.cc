@@ -26,7 +26,7 @@ int main(int argc, char** argv) {
   rpc::CapacityFlags capacity;
   std::string model_dir;
   bool local_experts = false;
-  int64_t max_batch_tokens = 256, max_running = 64, state_mb = 8192, micro_batches = 2;
+  int64_t max_batch_tokens = 256, max_running = 64, state_mb = 8192, micro_batches = 0;
   int64_t default_max_new = 256, expert_deadline_ms = 10000, expert_retries = 2;
   int64_t placement_wait_ms = 60000, threads = 0, inject_attention_delay_us = 0;
   rpc::FlagSet flags("expertmesh-attention-worker",
@@ -43,7 +43,8 @@ int main(int argc, char** argv) {
   flags.AddInt("max-running-sequences", &max_running, "sequences admitted at once");
   flags.AddInt("state-memory-mb", &state_mb, "memory budget for sequence state, MiB");
   flags.AddInt("micro-batches", &micro_batches,
-               "micro-batches per step that ping-pong at each MoE (1 = off)");
+               "micro-batches per step that ping-pong at each MoE: 1 = off, 2+ = always, 0 = "
+               "auto (two while one-batch steps spend over 20% waiting on the experts)");
   flags.AddInt("default-max-new-tokens", &default_max_new,
                "max_new_tokens for requests that leave it 0");
   flags.AddInt("expert-deadline-ms", &expert_deadline_ms, "deadline of each expert dispatch");

@@ -338,6 +338,23 @@ void Scheduler::Loop() {
   }
 }
 
+int Scheduler::MicroBatchesForNextStep() {
+  if (options_.micro_batches > 0) return options_.micro_batches;
+  // Auto: split while one-batch steps spend a large share waiting on the experts; while split,
+  // probe with one batch every 64 steps to see whether that is still so.
+  if (split_ && ++steps_since_probe_ >= 64) {
+    steps_since_probe_ = 0;
+    return 1;
+  }
+  return split_ ? 2 : 1;
+}
+
+void Scheduler::RecordStep(int micro_batches, double seconds, double expert_wait_seconds) {
+  if (options_.micro_batches > 0 || micro_batches != 1 || seconds <= 0) return;
+  wait_share_ = 0.8 * wait_share_ + 0.2 * (expert_wait_seconds / seconds);
+  split_ = wait_share_ > options_.auto_split_wait_share;
+}
+
 void Scheduler::RunStep(std::vector<Seq*>& all) {
   const auto t0 = std::chrono::steady_clock::now();
   // Decode tokens first (latency), then prefill chunks in arrival order, within the budget.
@@ -365,8 +382,9 @@ void Scheduler::RunStep(std::vector<Seq*>& all) {
   for (const Planned& p : plan) batch_tokens += static_cast<int64_t>(p.tokens.size());
 
   // Micro-batches: contiguous groups of about equal token counts.
-  const int groups = std::max(1, std::min<int>(options_.micro_batches,
-                                               static_cast<int>(plan.size())));
+  const int groups =
+      std::max(1, std::min<int>(MicroBatchesForNextStep(), static_cast<int>(plan.size())));
+  const double wait0 = model_->expert_wait_seconds();
   std::vector<std::vector<size_t>> mb(groups);
   {
     int64_t acc = 0;
@@ -415,6 +433,9 @@ void Scheduler::RunStep(std::vector<Seq*>& all) {
     }
   }
   steps_.fetch_add(1);
+  RecordStep(groups,
+             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+             model_->expert_wait_seconds() - wait0);
   if (steps_total_) steps_total_->Increment();
   if (batch_tokens_) batch_tokens_->Observe(static_cast<double>(batch_tokens));
 

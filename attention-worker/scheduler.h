@@ -38,8 +38,12 @@ struct SchedulerOptions {
   // Bytes of sequence state the running sequences may reserve (estimated for prompt +
   // max_new_tokens); a sequence that alone exceeds it is refused.
   int64_t state_memory_bytes = int64_t{8} << 30;
-  // Micro-batches per step when experts are remote (ping-pong at each MoE); 1 = off.
-  int micro_batches = 2;
+  // Micro-batches per step (ping-pong at each MoE): 1 = off, 2 or more = always, 0 = auto:
+  // two while waiting on remote experts takes more than auto_split_wait_share of a one-batch
+  // step (experts on other machines), else one (ping-pong splits every product in two and, with
+  // the experts on the same cores, only adds work: docs/performance.md).
+  int micro_batches = 0;
+  double auto_split_wait_share = 0.2;
   // max_new_tokens when a request leaves it 0.
   int64_t default_max_new_tokens = 256;
   // Largest top_logprobs a request may ask for.
@@ -95,6 +99,8 @@ class Scheduler {
   void Finish(Seq& s, absl::Status status, expertmesh::v1::FinishReason reason,
               expertmesh::v1::SequenceTokens* last);
   int64_t EstimateStateBytes(int64_t tokens) const;
+  int MicroBatchesForNextStep();
+  void RecordStep(int micro_batches, double seconds, double expert_wait_seconds);
 
   model::Model* model_;
   const SchedulerOptions options_;
@@ -108,6 +114,11 @@ class Scheduler {
   std::atomic<bool> draining_{false};
   std::atomic<int64_t> steps_{0};
   std::thread thread_;
+  // Auto micro-batching (scheduler thread only): share of one-batch step time spent waiting on
+  // remote experts (exponential average), and steps since the last one-batch probe.
+  double wait_share_ = 0;
+  bool split_ = false;
+  int64_t steps_since_probe_ = 0;
 
   // Metrics (null when there is no registry).
   prometheus::Gauge* running_gauge_ = nullptr;

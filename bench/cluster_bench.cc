@@ -183,27 +183,35 @@ int main(int argc, char** argv) {
                 static_cast<long long>(decode), static_cast<long long>(rounds),
                 static_cast<long long>(micro),
                 std::string(kernels::ActiveKernelTargetName()).c_str());
-    std::printf("%6s %14s %14s %8s %12s\n", "batch", "single tok/s", "cluster tok/s", "ratio",
-                "expert wait");
+    // Columns: the single process; the cluster with one micro-batch per step; the cluster with
+    // `micro` micro-batches in ping-pong (what the attention worker runs by default).
+    std::printf("%6s %12s | %12s %6s %6s | %12s %6s %6s\n", "batch", "single tok/s",
+                "cluster(1)", "ratio", "wait", ("cluster(" + std::to_string(micro) + ")").c_str(),
+                "ratio", "wait");
     for (int64_t b : batches) {
-      std::vector<double> st, ct, ratio, share;
+      std::vector<double> st, c1, r1, w1, cm, rm, wm;
       for (int64_t r = 0; r < rounds && rc == 0; ++r) {
-        // Alternate which runs first so that drift hits both.
-        Timing s{}, c{};
-        for (int k = 0; k < 2; ++k) {
-          const bool cluster_turn = (k == 0) == (r % 2 == 1);
-          auto t = cluster_turn ? TimeDecode(**attn, b, prompt, decode, static_cast<int>(micro))
-                                : TimeDecode(**single, b, prompt, decode, 1);
-          if (!t.ok()) return Fail(t.status());
-          (cluster_turn ? c : s) = *t;
+        // Rotate which runs first so that drift hits all three alike.
+        Timing t[3];
+        for (int k = 0; k < 3; ++k) {
+          const int which = static_cast<int>((k + r) % 3);
+          auto got = which == 0   ? TimeDecode(**single, b, prompt, decode, 1)
+                     : which == 1 ? TimeDecode(**attn, b, prompt, decode, 1)
+                                  : TimeDecode(**attn, b, prompt, decode, static_cast<int>(micro));
+          if (!got.ok()) return Fail(got.status());
+          t[which] = *got;
         }
-        st.push_back(b * decode / s.seconds);
-        ct.push_back(b * decode / c.seconds);
-        ratio.push_back(s.seconds / c.seconds);
-        share.push_back(c.wait / c.seconds);
+        st.push_back(b * decode / t[0].seconds);
+        c1.push_back(b * decode / t[1].seconds);
+        r1.push_back(t[0].seconds / t[1].seconds);
+        w1.push_back(t[1].wait / t[1].seconds);
+        cm.push_back(b * decode / t[2].seconds);
+        rm.push_back(t[0].seconds / t[2].seconds);
+        wm.push_back(t[2].wait / t[2].seconds);
       }
-      std::printf("%6lld %14.1f %14.1f %8.3f %11.1f%%\n", static_cast<long long>(b), Median(st),
-                  Median(ct), Median(ratio), 100 * Median(share));
+      std::printf("%6lld %12.1f | %12.1f %6.3f %5.1f%% | %12.1f %6.3f %5.1f%%\n",
+                  static_cast<long long>(b), Median(st), Median(c1), Median(r1), 100 * Median(w1),
+                  Median(cm), Median(rm), 100 * Median(wm));
       std::fflush(stdout);
     }
   }

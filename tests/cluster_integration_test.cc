@@ -330,3 +330,39 @@ TEST_F(GenerateClusterTest, MicroBatchesHideExpertTimeBehindAttention) {
 
 }  // namespace
 }  // namespace expertmesh
+
+namespace expertmesh {
+namespace {
+
+// --micro-batches 0 (auto, the default): once one-batch steps are seen to wait on slow experts,
+// steps split into two micro-batches (two dispatches per expert worker and layer).
+TEST_F(GenerateClusterTest, AutoMicroBatchingSplitsWhenExpertsAreSlow) {
+  ASSERT_NO_FATAL_FAILURE(StartCluster({}, {"--inject-delay-ms", "30"}));
+  const std::vector<testing::GenRequest> reqs = testing::MakeGenRequests(4, 1024, 20, 99);
+  std::vector<testing::GenResult> got(reqs.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    threads.emplace_back(
+        [&, i] { got[i] = testing::RunGenerate(*stub_, "auto-" + std::to_string(i), reqs[i]); });
+  }
+  for (auto& t : threads) t.join();
+  auto m = model::Model::Load(kModel);
+  ASSERT_TRUE(m.ok()) << m.status();
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_TRUE(got[i].status.ok()) << got[i].status;
+    auto want = testing::EngineTokens(**m, reqs[i]);
+    ASSERT_TRUE(want.ok());
+    EXPECT_EQ(got[i].tokens, *want) << "request " << i;
+  }
+  const double steps =
+      Scrape(*cluster_->Find("attention-worker-0")).Sum("expertmesh_attention_steps_total");
+  double dispatches = 0;
+  for (const char* name : {"expert-worker-0", "expert-worker-1"}) {
+    dispatches += Scrape(*cluster_->Find(name)).Sum("expertmesh_expert_dispatches_total");
+  }
+  // One micro-batch: at most steps x 4 layers x 2 workers dispatches; most steps split here.
+  EXPECT_GT(dispatches, 1.3 * steps * 4 * 2) << "steps " << steps << ", dispatches " << dispatches;
+}
+
+}  // namespace
+}  // namespace expertmesh
