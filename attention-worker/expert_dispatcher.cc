@@ -159,13 +159,20 @@ class RemoteExpertDispatcher::Core {
 
   // Cancels every stream and waits until gRPC is done with each of them. Idempotent.
   void Shutdown();
-  // The newest placement snapshot; null once shutting down.
-  std::shared_ptr<const PlacementSnapshot> Snapshot() {
+  // The snapshot a first send uses: the one pinned by BeginStep, else the newest; retries
+  // always take the newest. Null once shutting down.
+  std::shared_ptr<const PlacementSnapshot> Snapshot(bool retry) {
     absl::MutexLock lock(&mu_);
     if (shutting_down_) return nullptr;
-    std::shared_ptr<const PlacementSnapshot> snapshot = placement_->Current();
+    std::shared_ptr<const PlacementSnapshot> snapshot =
+        !retry && pinned_ != nullptr ? pinned_ : placement_->Current();
     version_in_use_ = snapshot->version();
     return snapshot;
+  }
+  uint64_t Pin() {
+    absl::MutexLock lock(&mu_);
+    pinned_ = placement_->Current();
+    return pinned_->version();
   }
   // Sends `request` to `address` on its stream (created or replaced as needed); the reply, or
   // the failure standing in for it, goes to `target`. *used is the stream it went on (null if
@@ -224,6 +231,7 @@ class RemoteExpertDispatcher::Core {
   absl::Mutex mu_;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   uint64_t version_in_use_ ABSL_GUARDED_BY(mu_) = 0;
+  std::shared_ptr<const PlacementSnapshot> pinned_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::unique_ptr<Connection>> connections_ ABSL_GUARDED_BY(mu_);
   // Every stream not yet ended, current or retired (for Shutdown).
   std::vector<std::weak_ptr<DispatchStream>> streams_ ABSL_GUARDED_BY(mu_);
@@ -648,7 +656,7 @@ class RemotePending final : public model::PendingExperts {
 
   // Picks a worker for each item of `items` and sends one request per worker.
   void SendRound(const std::vector<size_t>& items, bool retry) {
-    std::shared_ptr<const PlacementSnapshot> snapshot = core_->Snapshot();
+    std::shared_ptr<const PlacementSnapshot> snapshot = core_->Snapshot(retry);
     if (snapshot == nullptr) {
       shutdown_ = true;
       return;
@@ -889,6 +897,8 @@ ExpertDispatcherStats RemoteExpertDispatcher::stats() const {
 int64_t RemoteExpertDispatcher::dispatches_sent(const std::string& worker_address) const {
   return core_->DispatchesSent(worker_address);
 }
+
+uint64_t RemoteExpertDispatcher::BeginStep() { return core_->Pin(); }
 
 uint64_t RemoteExpertDispatcher::placement_version_in_use() const {
   return core_->version_in_use();

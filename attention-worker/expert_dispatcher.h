@@ -83,6 +83,12 @@ class RemoteExpertDispatcher final : public model::ExpertDispatcher {
   ExpertDispatcherStats stats() const;
   // DispatchRequests sent to the worker at `address` so far (0 for an unknown one).
   int64_t dispatches_sent(const std::string& worker_address) const;
+  // Pins the newest placement snapshot for the first sends of every Start until the next
+  // BeginStep (retries still take the newest) and returns its version. The attention worker
+  // calls it at each step boundary and reports that version to the router only then, so no
+  // dispatch of an older version is in flight once the router acts on the report (unloads).
+  // Without it every Start takes the newest snapshot.
+  uint64_t BeginStep();
   // Placement version of the latest Start (0 before any).
   uint64_t placement_version_in_use() const;
 

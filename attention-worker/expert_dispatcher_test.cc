@@ -677,6 +677,34 @@ TEST_F(DispatchFixture, PlacementVersionsArePickedUpAndNeverGoBackwards) {
   restarted.Stop();
 }
 
+// BeginStep pins the newest table for the first sends of every call until the next BeginStep,
+// so a step never mixes versions, and the version the attention worker reports to the router
+// is one no dispatch of an older version can still be behind.
+TEST_F(DispatchFixture, BeginStepPinsTheVersionUntilTheNextStep) {
+  const int E = model_->experts;
+  PlacementClient placement(router_server_->address());
+  Publish(Table(
+              2, addresses_, [](int) { return std::vector<uint64_t>{1}; }, E),
+          placement);
+  RemoteExpertDispatcher dispatcher(&placement);
+  EXPECT_EQ(dispatcher.BeginStep(), 2u);
+  // Version 3 moves everything to worker 2, but this step stays on version 2 (worker 1).
+  Publish(Table(
+              3, addresses_, [](int) { return std::vector<uint64_t>{2}; }, E),
+          placement);
+  const Inputs in = MakeInputs(3, model_->D, {0, 1}, 7);
+  ASSERT_TRUE(Dispatch(dispatcher, in, model_->D).ok());
+  ASSERT_EQ(workers_[0]->requests().size(), 1u);
+  EXPECT_EQ(workers_[0]->requests()[0].placement_version(), 2u);
+  EXPECT_TRUE(workers_[1]->requests().empty());
+  // The next step takes version 3.
+  EXPECT_EQ(dispatcher.BeginStep(), 3u);
+  ASSERT_TRUE(Dispatch(dispatcher, in, model_->D).ok());
+  ASSERT_EQ(workers_[1]->requests().size(), 1u);
+  EXPECT_EQ(workers_[1]->requests()[0].placement_version(), 3u);
+  EXPECT_EQ(workers_[0]->requests().size(), 1u);
+}
+
 TEST_F(DispatchFixture, WaitForPlacementNamesWhatIsMissing) {
   const int E = model_->experts;
   PlacementClient placement(router_server_->address());

@@ -1,8 +1,10 @@
 // expertmesh-attention-worker: runs sequences (continuous batching, attention, gate, shared
 // expert, sampling) and dispatches the routed experts to the expert workers the router places
 // them on; registers with the router.
+#include <algorithm>
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <string>
 
@@ -110,6 +112,36 @@ int main(int argc, char** argv) {
   // expert workers need to load.
   std::atomic<bool> stopping{false};
   std::thread setup;
+  // The placement version reported to the router is one no dispatch of an older version can
+  // still be in flight behind: the version a step pinned (reported as it begins), or, between
+  // steps, the newest one installed. The router unloads experts on the strength of it.
+  struct VersionReporter {
+    rpc::ServiceProcess* process;
+    attention_worker::RemoteExpertDispatcher* dispatcher = nullptr;
+    std::mutex mu;
+    bool in_step = false;
+    uint64_t newest = 0;
+    void Report(uint64_t v) {
+      if (rpc::RouterRegistration* r = process->registration()) r->set_placement_version(v);
+    }
+    void Installed(uint64_t v) {
+      std::lock_guard<std::mutex> l(mu);
+      newest = std::max(newest, v);
+      if (!in_step) Report(newest);
+    }
+    void BeginStep() {
+      std::lock_guard<std::mutex> l(mu);
+      in_step = true;
+      if (dispatcher != nullptr) Report(dispatcher->BeginStep());
+    }
+    void EndStep() {
+      std::lock_guard<std::mutex> l(mu);
+      in_step = false;
+      Report(newest);
+    }
+  } versions{p};
+  so.on_step_begin = [&versions] { versions.BeginStep(); };
+  so.on_step_end = [&versions] { versions.EndStep(); };
   if (model != nullptr && local_experts) start_scheduler();
   if (model != nullptr && !local_experts) {
     if (common.router.empty()) {
@@ -118,9 +150,7 @@ int main(int argc, char** argv) {
     }
     attention_worker::PlacementClientOptions po;
     po.registry = &p->registry();
-    po.on_version = [p](uint64_t version) {
-      if (rpc::RouterRegistration* r = p->registration()) r->set_placement_version(version);
-    };
+    po.on_version = [&versions](uint64_t version) { versions.Installed(version); };
     placement = std::make_unique<attention_worker::PlacementClient>(common.router, po);
     setup = std::thread([&] {
       std::vector<attention_worker::ExpertKey> needed;
@@ -146,6 +176,10 @@ int main(int argc, char** argv) {
       dispatcher =
           std::make_unique<attention_worker::RemoteExpertDispatcher>(placement.get(), dopts);
       model->set_expert_dispatcher(dispatcher.get());
+      {
+        std::lock_guard<std::mutex> l(versions.mu);
+        versions.dispatcher = dispatcher.get();
+      }
       start_scheduler();
     });
   }

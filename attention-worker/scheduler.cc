@@ -385,6 +385,7 @@ void Scheduler::RunStep(std::vector<Seq*>& all) {
   const int groups =
       std::max(1, std::min<int>(MicroBatchesForNextStep(), static_cast<int>(plan.size())));
   const double wait0 = model_->expert_wait_seconds();
+  if (options_.on_step_begin) options_.on_step_begin();
   std::vector<std::vector<size_t>> mb(groups);
   {
     int64_t acc = 0;
@@ -432,6 +433,7 @@ void Scheduler::RunStep(std::vector<Seq*>& all) {
       if (p.status.ok() && !p.pass->done()) more = true;
     }
   }
+  if (options_.on_step_end) options_.on_step_end();
   steps_.fetch_add(1);
   RecordStep(groups,
              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),

@@ -51,6 +51,9 @@ struct SchedulerOptions {
   // Tests and benchmarks: extra attention-side time per token row and layer, to show how much
   // of the experts' time the micro-batch ping-pong hides.
   int64_t inject_attention_delay_us = 0;
+  // Called on the scheduler thread before and after each step's forward passes (the attention
+  // worker switches placement versions there). May be empty.
+  std::function<void()> on_step_begin, on_step_end;
 };
 
 // Receives a sequence's output: messages in order, then exactly one End. Called from the
