@@ -146,34 +146,37 @@ std::optional<ApiError> ChatCompletions::PickWorker(const std::string& tenant,
   return std::nullopt;
 }
 
-void ChatCompletions::Run(const ChatRequest& request, ResponseWriter& writer) {
-  if (tokenizer_ == nullptr) {
-    writer.Respond(ErrorResponse(Unavailable("the gateway has no tokenizer loaded")));
-    return;
-  }
-  absl::StatusOr<chat::EncodedChat> encoded = chat::EncodeChat(request.messages, request.encode);
-  if (!encoded.ok()) {
-    writer.Respond(
-        ErrorResponse(InvalidField("messages", std::string(encoded.status().message()))));
-    return;
-  }
-  absl::StatusOr<std::vector<int32_t>> ids = chat::ChatIds(*encoded, *tokenizer_);
-  if (!ids.ok()) {
-    ApiError e =
-        Unavailable("the tokenizer cannot encode the chat: " + std::string(ids.status().message()));
+std::optional<ApiError> ChatCompletions::PromptIds(const GenerationInput& input,
+                                                   std::vector<int32_t>* ids) const {
+  if (tokenizer_ == nullptr) return Unavailable("the gateway has no tokenizer loaded");
+  absl::StatusOr<chat::EncodedChat> encoded = chat::EncodeChat(input.messages, input.encode);
+  if (!encoded.ok()) return InvalidField("messages", std::string(encoded.status().message()));
+  absl::StatusOr<std::vector<int32_t>> tokens = chat::ChatIds(*encoded, *tokenizer_);
+  if (!tokens.ok()) {
+    ApiError e = Unavailable("the tokenizer cannot encode the chat: " +
+                             std::string(tokens.status().message()));
     e.status = 500;
     e.headers.clear();
-    writer.Respond(ErrorResponse(e));
+    return e;
+  }
+  *ids = std::move(*tokens);
+  return std::nullopt;
+}
+
+void ChatCompletions::Generate(const GenerationInput& input, const std::string& id,
+                               ResponseWriter& writer, GenerationSink& sink) {
+  std::vector<int32_t> ids;
+  if (std::optional<ApiError> e = PromptIds(input, &ids)) {
+    sink.Fail(*e);
     return;
   }
-  const uint32_t prompt_tokens = static_cast<uint32_t>(ids->size());
-  uint32_t max_new = request.max_tokens;
+  const uint32_t prompt_tokens = static_cast<uint32_t>(ids.size());
+  uint32_t max_new = input.max_tokens;
   if (model_.context_length > 0) {
     if (prompt_tokens >= model_.context_length) {
-      writer.Respond(
-          ErrorResponse(InvalidField("messages", "the prompt is " + std::to_string(prompt_tokens) +
-                                                     " tokens; the model's context is " +
-                                                     std::to_string(model_.context_length))));
+      sink.Fail(InvalidField("messages", "the prompt is " + std::to_string(prompt_tokens) +
+                                             " tokens; the model's context is " +
+                                             std::to_string(model_.context_length)));
       return;
     }
     // More than the context leaves is clamped rather than refused (agents send large values).
@@ -182,21 +185,19 @@ void ChatCompletions::Run(const ChatRequest& request, ResponseWriter& writer) {
   }
 
   std::string address;
-  if (std::optional<ApiError> e = PickWorker(request.user, &address)) {
-    writer.Respond(ErrorResponse(*e));
+  if (std::optional<ApiError> e = PickWorker(input.user, &address)) {
+    sink.Fail(*e);
     return;
   }
 
-  const std::string id = NewId();
-  const int64_t created = absl::ToUnixSeconds(absl::Now());
   v1::SequenceRequest seq;
   seq.set_sequence_id(id);
-  for (int32_t t : *ids) seq.add_prompt_ids(static_cast<uint32_t>(t));
+  for (int32_t t : ids) seq.add_prompt_ids(static_cast<uint32_t>(t));
   v1::SamplingParams* sp = seq.mutable_sampling();
-  sp->set_temperature(static_cast<float>(request.temperature));
-  sp->set_top_p(static_cast<float>(request.top_p));
-  sp->set_top_k(request.top_k);
-  if (request.seed) sp->set_seed(*request.seed);
+  sp->set_temperature(static_cast<float>(input.temperature));
+  sp->set_top_p(static_cast<float>(input.top_p));
+  sp->set_top_k(input.top_k);
+  if (input.seed) sp->set_seed(*input.seed);
   sp->set_max_new_tokens(max_new);
   if (eos_id_) sp->add_stop_token_ids(static_cast<uint32_t>(*eos_id_));
 
@@ -212,32 +213,16 @@ void ChatCompletions::Run(const ChatRequest& request, ResponseWriter& writer) {
   std::unique_ptr<grpc::ClientReader<v1::SequenceTokens>> reader = stub.Generate(&ctx, seq);
 
   tokenizer::StreamDecoder decoder(*tokenizer_);
-  StopMatcher stop(request.stop);
+  StopMatcher stop(input.stop);
   chat::ParseOptions popts;
-  popts.thinking_mode = request.encode.thinking_mode;
+  popts.thinking_mode = input.encode.thinking_mode;
   popts.id_seed = std::hash<std::string>()(id);
   chat::StreamParser parser(popts);
 
-  auto chunk = [&](json choices, bool with_usage_null) {
-    json c = {{"id", id},
-              {"object", "chat.completion.chunk"},
-              {"created", created},
-              {"model", model_.id},
-              {"choices", std::move(choices)}};
-    if (with_usage_null) c["usage"] = nullptr;
-    return "data: " + Dump(c) + "\n\n";
-  };
-  auto choice = [](json delta, json finish) {
-    return json::array({{{"index", 0},
-                         {"delta", std::move(delta)},
-                         {"logprobs", nullptr},
-                         {"finish_reason", std::move(finish)}}});
-  };
-  bool streaming = false;  // headers sent
   bool client_ok = true;
   auto emit = [&](const chat::StreamDelta& d) {
-    if (!request.stream || d.empty() || !client_ok) return;
-    client_ok = writer.Write(chunk(choice(DeltaJson(d), nullptr), request.include_usage));
+    if (d.empty() || !client_ok) return;
+    client_ok = sink.Delta(d);
   };
 
   uint32_t completion_tokens = 0;
@@ -247,12 +232,7 @@ void ChatCompletions::Run(const ChatRequest& request, ResponseWriter& writer) {
   while (reader->Read(&msg)) {
     if (!got_any) {
       got_any = true;
-      if (request.stream) {
-        streaming = writer.BeginStream(200, "text/event-stream");
-        client_ok = streaming &&
-                    writer.Write(chunk(choice({{"role", "assistant"}, {"content", ""}}, nullptr),
-                                       request.include_usage));
-      }
+      client_ok = sink.Begin(prompt_tokens);
     }
     for (uint32_t t : msg.token_ids()) {
       ++completion_tokens;
@@ -279,15 +259,7 @@ void ChatCompletions::Run(const ChatRequest& request, ResponseWriter& writer) {
   if (writer.client_gone() || !client_ok) return;  // nobody to answer; the sequence is freed
 
   if (!stop.stopped() && !status.ok()) {
-    ApiError e = FromGrpc(status, address);
-    if (!streaming) {
-      writer.Respond(ErrorResponse(e));
-      return;
-    }
-    // After streaming began: an error chunk, then the end marker, never a silently cut stream.
-    writer.Write("data: " + json::parse(e.ToJson()).dump() + "\n\n");
-    writer.Write("data: [DONE]\n\n");
-    writer.End();
+    sink.Fail(FromGrpc(status, address));
     return;
   }
 
@@ -297,68 +269,148 @@ void ChatCompletions::Run(const ChatRequest& request, ResponseWriter& writer) {
     tail = stop.Feed(decoder.Flush());
     tail += stop.Flush();
   }
-  chat::StreamDelta d = parser.Feed(tail);
-  emit(d);
+  emit(parser.Feed(tail));
   if (!stop.stopped() && worker_finish == v1::FINISH_REASON_STOP) emit(parser.Feed(chat::kEos));
   emit(parser.Finish());
-  const chat::ParsedMessage& m = parser.message();
+  if (!client_ok) return;
 
-  std::string finish = "stop";
-  if (!m.tool_calls.empty()) {
-    finish = "tool_calls";
-  } else if (!stop.stopped() && worker_finish == v1::FINISH_REASON_LENGTH) {
-    finish = "length";
+  GenerationOutcome outcome;
+  outcome.prompt_tokens = prompt_tokens;
+  outcome.completion_tokens = completion_tokens;
+  outcome.stopped_by_string = stop.stopped();
+  outcome.stop_sequence = stop.matched();
+  outcome.length = !stop.stopped() && worker_finish == v1::FINISH_REASON_LENGTH;
+  outcome.message = &parser.message();
+  sink.Finish(outcome);
+}
+
+namespace {
+
+// The OpenAI chat.completion answer: SSE chunks (streamed from the first token) or one body.
+class OpenAiSink : public GenerationSink {
+ public:
+  OpenAiSink(const ChatRequest& request, ResponseWriter& writer, std::string id, std::string model)
+      : request_(request),
+        writer_(writer),
+        id_(std::move(id)),
+        model_(std::move(model)),
+        created_(absl::ToUnixSeconds(absl::Now())) {}
+
+  bool Begin(uint32_t) override {
+    if (!request_.stream) return true;
+    return StartStream();
   }
-  json usage = {{"prompt_tokens", prompt_tokens},
-                {"completion_tokens", completion_tokens},
-                {"total_tokens", prompt_tokens + completion_tokens},
-                {"prompt_tokens_details", {{"cached_tokens", 0}}}};
-
-  if (request.stream) {
-    if (!streaming) {
-      streaming = writer.BeginStream(200, "text/event-stream");
-      if (!streaming ||
-          !writer.Write(chunk(choice({{"role", "assistant"}, {"content", ""}}, nullptr),
-                              request.include_usage))) {
-        return;
+  bool Delta(const chat::StreamDelta& d) override {
+    if (!request_.stream) return true;
+    return writer_.Write(Chunk(Choice(DeltaJson(d), nullptr)));
+  }
+  void Fail(const ApiError& e) override {
+    if (!streaming_) {
+      writer_.Respond(ErrorResponse(e));
+      return;
+    }
+    // After streaming began: an error chunk, then the end marker, never a silently cut stream.
+    writer_.Write("data: " + json::parse(e.ToJson()).dump() + "\n\n");
+    writer_.Write("data: [DONE]\n\n");
+    writer_.End();
+  }
+  void Finish(const GenerationOutcome& o) override {
+    const chat::ParsedMessage& m = *o.message;
+    std::string finish = "stop";
+    if (!m.tool_calls.empty()) {
+      finish = "tool_calls";
+    } else if (o.length) {
+      finish = "length";
+    }
+    json usage = {{"prompt_tokens", o.prompt_tokens},
+                  {"completion_tokens", o.completion_tokens},
+                  {"total_tokens", o.prompt_tokens + o.completion_tokens},
+                  {"prompt_tokens_details", {{"cached_tokens", 0}}}};
+    if (request_.stream) {
+      if (!streaming_ && !StartStream()) return;
+      if (!writer_.Write(Chunk(Choice(json::object(), finish)))) return;
+      if (request_.include_usage) {
+        json c = {{"id", id_},       {"object", "chat.completion.chunk"}, {"created", created_},
+                  {"model", model_}, {"choices", json::array()},          {"usage", usage}};
+        if (!writer_.Write("data: " + Dump(c) + "\n\n")) return;
       }
+      writer_.Write("data: [DONE]\n\n");
+      writer_.End();
+      return;
     }
-    if (!writer.Write(chunk(choice(json::object(), finish), request.include_usage))) return;
-    if (request.include_usage) {
-      json c = {{"id", id},           {"object", "chat.completion.chunk"}, {"created", created},
-                {"model", model_.id}, {"choices", json::array()},          {"usage", usage}};
-      if (!writer.Write("data: " + Dump(c) + "\n\n")) return;
+    json message = {{"role", "assistant"}, {"content", m.content}};
+    if (request_.encode.thinking_mode == chat::ThinkingMode::kThinking) {
+      message["reasoning_content"] = m.reasoning_content;
     }
-    writer.Write("data: [DONE]\n\n");
-    writer.End();
-    return;
+    if (!m.tool_calls.empty()) {
+      json calls = json::array();
+      for (const chat::ParsedToolCall& t : m.tool_calls) {
+        calls.push_back({{"id", t.id},
+                         {"type", "function"},
+                         {"function", {{"name", t.name}, {"arguments", t.arguments}}}});
+      }
+      message["tool_calls"] = calls;
+    }
+    json body = {{"id", id_},
+                 {"object", "chat.completion"},
+                 {"created", created_},
+                 {"model", model_},
+                 {"choices", json::array({{{"index", 0},
+                                           {"message", message},
+                                           {"logprobs", nullptr},
+                                           {"finish_reason", finish}}})},
+                 {"usage", usage}};
+    HttpResponse r;
+    r.body = Dump(body);
+    writer_.Respond(std::move(r));
   }
 
-  json message = {{"role", "assistant"}, {"content", m.content}};
-  if (request.encode.thinking_mode == chat::ThinkingMode::kThinking) {
-    message["reasoning_content"] = m.reasoning_content;
+ private:
+  bool StartStream() {
+    streaming_ = writer_.BeginStream(200, "text/event-stream");
+    return streaming_ &&
+           writer_.Write(Chunk(Choice({{"role", "assistant"}, {"content", ""}}, nullptr)));
   }
-  if (!m.tool_calls.empty()) {
-    json calls = json::array();
-    for (const chat::ParsedToolCall& t : m.tool_calls) {
-      calls.push_back({{"id", t.id},
-                       {"type", "function"},
-                       {"function", {{"name", t.name}, {"arguments", t.arguments}}}});
-    }
-    message["tool_calls"] = calls;
+  std::string Chunk(json choices) const {
+    json c = {{"id", id_},
+              {"object", "chat.completion.chunk"},
+              {"created", created_},
+              {"model", model_},
+              {"choices", std::move(choices)}};
+    if (request_.include_usage) c["usage"] = nullptr;
+    return "data: " + Dump(c) + "\n\n";
   }
-  json body = {{"id", id},
-               {"object", "chat.completion"},
-               {"created", created},
-               {"model", model_.id},
-               {"choices", json::array({{{"index", 0},
-                                         {"message", message},
-                                         {"logprobs", nullptr},
-                                         {"finish_reason", finish}}})},
-               {"usage", usage}};
-  HttpResponse r;
-  r.body = Dump(body);
-  writer.Respond(std::move(r));
+  static json Choice(json delta, json finish) {
+    return json::array({{{"index", 0},
+                         {"delta", std::move(delta)},
+                         {"logprobs", nullptr},
+                         {"finish_reason", std::move(finish)}}});
+  }
+
+  const ChatRequest& request_;
+  ResponseWriter& writer_;
+  const std::string id_;
+  const std::string model_;
+  const int64_t created_;
+  bool streaming_ = false;  // headers sent
+};
+
+}  // namespace
+
+void ChatCompletions::Run(const ChatRequest& request, ResponseWriter& writer) {
+  GenerationInput input;
+  input.messages = request.messages;
+  input.encode = request.encode;
+  input.temperature = request.temperature;
+  input.top_p = request.top_p;
+  input.top_k = request.top_k;
+  input.seed = request.seed;
+  input.max_tokens = request.max_tokens;
+  input.stop = request.stop;
+  input.user = request.user;
+  const std::string id = NewId();
+  OpenAiSink sink(request, writer, id, model_.id);
+  Generate(input, id, writer, sink);
 }
 
 }  // namespace expertmesh::gateway

@@ -1,7 +1,8 @@
-// The generation path of `POST /v1/chat/completions`: V4 chat encoding, tokenizing, picking an
-// attention worker (router, by load; or a fixed one), the Generate stream, incremental
-// detokenizing, stop strings, the streaming chat parser, and the answer in OpenAI's shape
-// (one JSON response, or SSE chunks written as tokens arrive).
+// The generation path shared by `POST /v1/chat/completions` and `POST /v1/messages`: V4 chat
+// encoding, tokenizing, picking an attention worker (router, by load; or a fixed one), the
+// Generate stream, incremental detokenizing, stop strings and the streaming chat parser. Each API
+// shapes the answer through a GenerationSink; the OpenAI one (one JSON response, or SSE chunks
+// written as tokens arrive) lives here, the Anthropic one in gateway/messages_api.h.
 #pragma once
 
 #include <map>
@@ -10,6 +11,7 @@
 #include <string>
 
 #include "absl/time/time.h"
+#include "core/chat/parser.h"
 #include "core/tokenizer/tokenizer.h"
 #include "gateway/chat_request.h"
 #include "gateway/http_server.h"
@@ -25,6 +27,42 @@ struct GenerationOptions {
   absl::Duration pick_timeout = absl::Seconds(2);
 };
 
+// What one generation runs, whichever API asked for it.
+struct GenerationInput {
+  std::vector<chat::Message> messages;
+  chat::EncodeOptions encode;
+  double temperature = 1.0;
+  double top_p = 1.0;
+  uint32_t top_k = 0;
+  std::optional<uint64_t> seed;
+  uint32_t max_tokens = 0;  // 0 = until the context is full
+  std::vector<std::string> stop;
+  std::string user;  // tenant for the router
+};
+
+struct GenerationOutcome {
+  uint32_t prompt_tokens = 0;
+  uint32_t completion_tokens = 0;
+  std::string stop_sequence;  // the stop string that ended the text, if one did
+  bool stopped_by_string = false;
+  bool length = false;  // max_tokens (or the context) ended it
+  const chat::ParsedMessage* message = nullptr;
+};
+
+// Shapes the answer of one API. Called on the generation's thread, in this order: Begin (once,
+// at the first token) and Delta..., then exactly one of Fail or Finish (Begin may not have
+// happened, e.g. an error before any token or an empty answer). Nothing is called after the
+// client hung up.
+class GenerationSink {
+ public:
+  virtual ~GenerationSink() = default;
+  // False: the client is gone (the generation is cancelled).
+  virtual bool Begin(uint32_t prompt_tokens) = 0;
+  virtual bool Delta(const chat::StreamDelta& delta) = 0;
+  virtual void Fail(const ApiError& error) = 0;
+  virtual void Finish(const GenerationOutcome& outcome) = 0;
+};
+
 class ChatCompletions {
  public:
   // `tokenizer` must outlive this.
@@ -34,6 +72,13 @@ class ChatCompletions {
   // Runs `request` to its end and answers through `writer` (blocking: call it on a thread of
   // its own). A client that hangs up cancels the Generate call at once. Thread-safe.
   void Run(const ChatRequest& request, ResponseWriter& writer);
+
+  // The shared core: runs `input` as sequence `id`, reporting to `sink` (blocking). `writer` is
+  // watched for a client that hangs up. Thread-safe.
+  void Generate(const GenerationInput& input, const std::string& id, ResponseWriter& writer,
+                GenerationSink& sink);
+  // The prompt's token ids, as Generate would send them; or the error to answer.
+  std::optional<ApiError> PromptIds(const GenerationInput& input, std::vector<int32_t>* ids) const;
 
   const ModelInfo& model() const { return model_; }
 

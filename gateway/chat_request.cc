@@ -11,31 +11,9 @@ namespace {
 
 using chat::JsonValue;
 
-const JsonValue* Field(const JsonValue& body, std::string_view key) {
-  const JsonValue* v = body.Find(key);
-  return v == nullptr || v->is_null() ? nullptr : v;
-}
-
-std::optional<double> Number(const JsonValue& v) {
-  if (!v.is_number()) return std::nullopt;
-  errno = 0;
-  const double d = std::strtod(v.str().c_str(), nullptr);
-  if (errno == ERANGE || !std::isfinite(d)) return std::nullopt;
-  return d;
-}
-
-// An integer lexeme (no fraction or exponent, or one that still names an integer, e.g. 1.0).
-std::optional<int64_t> Integer(const JsonValue& v) {
-  std::optional<double> d = Number(v);
-  if (!d || std::floor(*d) != *d || std::fabs(*d) > 9.2e18) return std::nullopt;
-  if (v.str().find_first_of(".eE") == std::string::npos) {
-    errno = 0;
-    const long long i = std::strtoll(v.str().c_str(), nullptr, 10);
-    if (errno == ERANGE) return std::nullopt;
-    return i;
-  }
-  return static_cast<int64_t>(*d);
-}
+const JsonValue* Field(const JsonValue& body, std::string_view key) { return JsonField(body, key); }
+std::optional<double> Number(const JsonValue& v) { return JsonNumber(v); }
+std::optional<int64_t> Integer(const JsonValue& v) { return JsonInteger(v); }
 
 ApiError NotSupported(std::string param, const std::string& what) {
   ApiError e = InvalidField(param, what + " is not supported yet by this server");
@@ -52,6 +30,46 @@ std::string ParamOf(std::string_view message, std::string_view fallback) {
 }
 
 }  // namespace
+
+const JsonValue* JsonField(const JsonValue& body, std::string_view key) {
+  const JsonValue* v = body.Find(key);
+  return v == nullptr || v->is_null() ? nullptr : v;
+}
+
+std::optional<double> JsonNumber(const JsonValue& v) {
+  if (!v.is_number()) return std::nullopt;
+  errno = 0;
+  const double d = std::strtod(v.str().c_str(), nullptr);
+  if (errno == ERANGE || !std::isfinite(d)) return std::nullopt;
+  return d;
+}
+
+std::optional<int64_t> JsonInteger(const JsonValue& v) {
+  std::optional<double> d = JsonNumber(v);
+  if (!d || std::floor(*d) != *d || std::fabs(*d) > 9.2e18) return std::nullopt;
+  if (v.str().find_first_of(".eE") == std::string::npos) {
+    errno = 0;
+    const long long i = std::strtoll(v.str().c_str(), nullptr, 10);
+    if (errno == ERANGE) return std::nullopt;
+    return i;
+  }
+  return static_cast<int64_t>(*d);
+}
+
+std::string ApiError::ToAnthropicJson() const {
+  std::string t = "api_error";
+  if (status == 404) {
+    t = "not_found_error";
+  } else if (status == 413) {
+    t = "request_too_large";
+  } else if (status == 503 || status == 529) {
+    t = "overloaded_error";
+  } else if (status >= 400 && status < 500) {
+    t = "invalid_request_error";
+  }
+  nlohmann::json j = {{"type", "error"}, {"error", {{"type", t}, {"message", message}}}};
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
 
 ApiError InvalidField(std::string param, std::string message) {
   ApiError e;

@@ -24,6 +24,10 @@ struct ApiError {
   std::string code;                                          // empty = null
   std::vector<std::pair<std::string, std::string>> headers;  // e.g. Retry-After
   std::string ToJson() const;
+  // Anthropic's shape: {"type": "error", "error": {"type", "message"}}, the type following the
+  // status (400 invalid_request_error, 404 not_found_error, 413 request_too_large, 503 and 529
+  // overloaded_error, other 5xx api_error).
+  std::string ToAnthropicJson() const;
 };
 
 ApiError InvalidField(std::string param, std::string message);
@@ -44,6 +48,12 @@ struct ChatRequest {
   bool include_usage = false;
   std::string user;
 };
+
+// Request-field helpers shared by the API parsers: a present, non-null member; a finite number;
+// an integer lexeme (or one that still names an integer, e.g. 1.0).
+const chat::JsonValue* JsonField(const chat::JsonValue& body, std::string_view key);
+std::optional<double> JsonNumber(const chat::JsonValue& v);
+std::optional<int64_t> JsonInteger(const chat::JsonValue& v);
 
 // Parses and validates the body. `model_id` is the served model (404 for another name).
 // Returns the error to answer with, if any.

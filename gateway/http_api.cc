@@ -3,6 +3,7 @@
 #include <thread>
 
 #include "gateway/chat_request.h"
+#include "gateway/messages_api.h"
 #include "nlohmann/json.hpp"
 
 namespace expertmesh::gateway {
@@ -62,18 +63,57 @@ HttpResponse HttpApi::ChatCompletion(const HttpRequest& http) {
   }
   HttpResponse r;
   r.deferred = [this, request](std::shared_ptr<ResponseWriter> writer) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      ++running_;
-    }
-    std::thread([this, request, writer = std::move(writer)]() mutable {
+    Spawn([this, request, writer = std::move(writer)]() mutable {
       chat_->Run(*request, *writer);
       writer.reset();
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--running_ == 0) idle_.notify_all();
-    }).detach();
+    });
   };
   return r;
+}
+
+void HttpApi::Spawn(std::function<void()> work) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++running_;
+  }
+  std::thread([this, work = std::move(work)]() mutable {
+    work();
+    work = nullptr;  // the writer it holds goes before the destructor may proceed
+    std::lock_guard<std::mutex> lock(mu_);
+    if (--running_ == 0) idle_.notify_all();
+  }).detach();
+}
+
+HttpResponse HttpApi::Messages(const HttpRequest& http) {
+  auto request = std::make_shared<MessagesRequest>();
+  if (std::optional<ApiError> e =
+          ParseMessagesRequest(http.body, chat_->model().id, false, request.get())) {
+    HttpResponse r;
+    r.status = e->status;
+    r.body = e->ToAnthropicJson();
+    r.headers = e->headers;
+    return r;
+  }
+  HttpResponse r;
+  r.deferred = [this, request](std::shared_ptr<ResponseWriter> writer) {
+    Spawn([this, request, writer = std::move(writer)]() mutable {
+      RunMessages(*chat_, *request, *writer);
+      writer.reset();
+    });
+  };
+  return r;
+}
+
+HttpResponse HttpApi::CountTokens(const HttpRequest& http) {
+  MessagesRequest request;
+  if (std::optional<ApiError> e =
+          ParseMessagesRequest(http.body, chat_->model().id, true, &request)) {
+    HttpResponse r;
+    r.status = e->status;
+    r.body = e->ToAnthropicJson();
+    return r;
+  }
+  return CountMessageTokens(*chat_, request);
 }
 
 HttpResponse HttpApi::Handle(const HttpRequest& request) {
@@ -121,7 +161,11 @@ HttpResponse HttpApi::Route(const HttpRequest& request, std::string* route) {
       return OpenAiError(405, "use POST " + path, "invalid_request_error", "method_not_allowed");
     return OpenAiError(501, kNotWired, "not_implemented", "not_implemented");
   }
-  if (path == "/v1/messages") {
+  if (path == "/v1/messages" && post && chat_ != nullptr) return Messages(request);
+  if (path == "/v1/messages/count_tokens" && post && chat_ != nullptr) {
+    return CountTokens(request);
+  }
+  if (path == "/v1/messages" || path == "/v1/messages/count_tokens") {
     if (!post) return AnthropicError(405, "use POST " + path, "invalid_request_error");
     return AnthropicError(501, kNotWired, "api_error");
   }

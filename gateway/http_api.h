@@ -1,7 +1,7 @@
 // The gateway's HTTP API routes: GET /health, GET /v1/models, and the generation routes
-// (POST /v1/chat/completions, /v1/completions, /v1/messages), which answer 501 with an
-// OpenAI- (or Anthropic-) shaped error until the cluster data path exists. No Beast, no gRPC:
-// it maps an HttpRequest to an HttpResponse and counts requests.
+// (POST /v1/chat/completions, /v1/messages, /v1/messages/count_tokens; /v1/completions and,
+// without a generation core, the others answer 501 with an OpenAI- or Anthropic-shaped error). No
+// Beast, no gRPC: it maps an HttpRequest to an HttpResponse and counts requests.
 #pragma once
 
 #include <condition_variable>
@@ -46,6 +46,10 @@ class HttpApi {
  private:
   HttpResponse Route(const HttpRequest& request, std::string* route_label);
   HttpResponse ChatCompletion(const HttpRequest& request);
+  HttpResponse Messages(const HttpRequest& request);
+  HttpResponse CountTokens(const HttpRequest& request);
+  // Runs `work` on a thread of its own, counted in running_.
+  void Spawn(std::function<void()> work);
 
   const std::optional<ModelInfo> model_;
   const std::function<RouterHealth()> router_health_;

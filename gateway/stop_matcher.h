@@ -18,10 +18,13 @@ class StopMatcher {
   // The end of the text: releases what was held back (nothing after a stop).
   std::string Flush();
   bool stopped() const { return stopped_; }
+  // The stop string found (the earliest in the text); empty until stopped.
+  const std::string& matched() const { return matched_; }
 
  private:
   std::vector<std::string> stops_;
   std::string held_;
+  std::string matched_;
   bool stopped_ = false;
 };
 

@@ -62,9 +62,8 @@ class GatewayIntegrationTest : public ::testing::Test {
 
   int HttpPort() const { return cluster_->Find("gateway")->http_port; }
 
-  testing::HttpResponse Post(const json& body) {
-    auto r = testing::HttpRequest(HttpPort(), "POST", "/v1/chat/completions", body.dump(),
-                                  absl::Seconds(60));
+  testing::HttpResponse Post(const json& body, const std::string& path = "/v1/chat/completions") {
+    auto r = testing::HttpRequest(HttpPort(), "POST", path, body.dump(), absl::Seconds(60));
     EXPECT_TRUE(r.ok()) << r.status();
     return r.ok() ? *r : testing::HttpResponse{};
   }
@@ -315,6 +314,192 @@ TEST_F(GatewayIntegrationTest, BadRequestsAreRefusedNamingTheField) {
   r = Post(req);
   EXPECT_EQ(r.status, 400);
   EXPECT_EQ(json::parse(r.body)["error"]["param"], "response_format");
+}
+
+// Anthropic Messages API (issue 9): the same core, Anthropic's shapes.
+struct SseEvent {
+  std::string type;
+  json data;
+};
+
+std::vector<SseEvent> AnthropicEvents(const std::string& body) {
+  std::vector<SseEvent> out;
+  size_t pos = 0;
+  while ((pos = body.find("event: ", pos)) != std::string::npos) {
+    const size_t nl = body.find('\n', pos);
+    SseEvent e;
+    e.type = body.substr(pos + 7, nl - pos - 7);
+    EXPECT_EQ(body.compare(nl + 1, 6, "data: "), 0) << body.substr(pos, 80);
+    const size_t end = body.find("\n\n", nl);
+    e.data = json::parse(body.substr(nl + 7, end - nl - 7));
+    EXPECT_EQ(e.data["type"], e.type);
+    out.push_back(std::move(e));
+    pos = end;
+  }
+  return out;
+}
+
+json MessagesRequestBody(int max_tokens, bool stream) {
+  return {{"model", "tiny"},
+          {"system", "You are terse."},
+          {"messages", {{{"role", "user"}, {"content", "Name three colours."}}}},
+          {"temperature", 0},
+          {"max_tokens", max_tokens},
+          {"stream", stream}};
+}
+
+std::string TextOf(const json& message) {
+  std::string text;
+  for (const json& b : message["content"]) {
+    if (b["type"] == "text") text += b["text"].get<std::string>();
+  }
+  return text;
+}
+
+TEST_F(GatewayIntegrationTest, MessagesStreamMatchesWholeAnswerInAnthropicEventOrder) {
+  testing::HttpResponse whole = Post(MessagesRequestBody(12, false), "/v1/messages");
+  ASSERT_EQ(whole.status, 200) << whole.body;
+  json m = json::parse(whole.body);
+  EXPECT_EQ(m["type"], "message");
+  EXPECT_EQ(m["role"], "assistant");
+  EXPECT_EQ(m["model"], "tiny");
+  EXPECT_EQ(m["id"].get<std::string>().rfind("msg_", 0), 0u);
+  EXPECT_TRUE(m["stop_reason"] == "end_turn" || m["stop_reason"] == "max_tokens") << m;
+  EXPECT_TRUE(m["stop_sequence"].is_null());
+  EXPECT_EQ(m["usage"]["cache_read_input_tokens"], 0);
+  EXPECT_EQ(m["usage"]["cache_creation_input_tokens"], 0);
+  EXPECT_GE(m["usage"]["output_tokens"].get<int>(), 1);
+  const std::string text = TextOf(m);
+  EXPECT_FALSE(text.empty());
+
+  testing::HttpResponse streamed = Post(MessagesRequestBody(12, true), "/v1/messages?beta=true");
+  ASSERT_EQ(streamed.status, 200) << streamed.body;
+  std::vector<SseEvent> events = AnthropicEvents(streamed.body);
+  ASSERT_GE(events.size(), 5u) << streamed.body;
+  // Exactly: message_start, content_block_start, deltas, content_block_stop, message_delta,
+  // message_stop (one text block in chat mode).
+  EXPECT_EQ(events[0].type, "message_start");
+  EXPECT_EQ(events[0].data["message"]["usage"]["input_tokens"], m["usage"]["input_tokens"]);
+  EXPECT_EQ(events[1].type, "content_block_start");
+  EXPECT_EQ(events[1].data["content_block"]["type"], "text");
+  const size_t n = events.size();
+  EXPECT_EQ(events[n - 3].type, "content_block_stop");
+  EXPECT_EQ(events[n - 2].type, "message_delta");
+  EXPECT_EQ(events[n - 1].type, "message_stop");
+  std::string deltas;
+  for (size_t i = 2; i + 3 < n; ++i) {
+    EXPECT_EQ(events[i].type, "content_block_delta") << i;
+    EXPECT_EQ(events[i].data["index"], 0);
+    EXPECT_EQ(events[i].data["delta"]["type"], "text_delta");
+    deltas += events[i].data["delta"]["text"].get<std::string>();
+  }
+  EXPECT_EQ(deltas, text);
+  EXPECT_EQ(events[n - 2].data["delta"]["stop_reason"], m["stop_reason"]);
+  EXPECT_EQ(events[n - 2].data["usage"]["output_tokens"], m["usage"]["output_tokens"]);
+}
+
+TEST_F(GatewayIntegrationTest, CountTokensEqualsUsageInputTokens) {
+  testing::HttpResponse whole = Post(MessagesRequestBody(2, false), "/v1/messages");
+  ASSERT_EQ(whole.status, 200) << whole.body;
+  json count_body = MessagesRequestBody(2, false);
+  count_body.erase("max_tokens");
+  count_body.erase("temperature");
+  count_body.erase("stream");
+  testing::HttpResponse count = Post(count_body, "/v1/messages/count_tokens");
+  ASSERT_EQ(count.status, 200) << count.body;
+  EXPECT_EQ(json::parse(count.body)["input_tokens"],
+            json::parse(whole.body)["usage"]["input_tokens"]);
+  EXPECT_GT(json::parse(count.body)["input_tokens"].get<int>(), 1);
+}
+
+TEST_F(GatewayIntegrationTest, SameGreedyRequestGivesSameTextThroughBothApis) {
+  testing::HttpResponse openai = Post(Request(12, false));
+  ASSERT_EQ(openai.status, 200) << openai.body;
+  testing::HttpResponse anthropic = Post(MessagesRequestBody(12, false), "/v1/messages");
+  ASSERT_EQ(anthropic.status, 200) << anthropic.body;
+  json o = json::parse(openai.body);
+  json a = json::parse(anthropic.body);
+  EXPECT_EQ(TextOf(a), o["choices"][0]["message"]["content"]);
+  EXPECT_EQ(a["usage"]["input_tokens"], o["usage"]["prompt_tokens"]);
+  EXPECT_EQ(a["usage"]["output_tokens"], o["usage"]["completion_tokens"]);
+}
+
+TEST_F(GatewayIntegrationTest, StopSequencesEndWithStopReasonStopSequence) {
+  testing::HttpResponse whole = Post(MessagesRequestBody(16, false), "/v1/messages");
+  ASSERT_EQ(whole.status, 200) << whole.body;
+  const std::string text = TextOf(json::parse(whole.body));
+  std::vector<size_t> starts;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if ((static_cast<unsigned char>(text[i]) & 0xC0) != 0x80) starts.push_back(i);
+  }
+  ASSERT_GE(starts.size(), 4u) << text;
+  const size_t a = starts[starts.size() / 2];
+  const size_t b =
+      starts.size() / 2 + 2 < starts.size() ? starts[starts.size() / 2 + 2] : text.size();
+  const std::string stop = text.substr(a, b - a);
+  const std::string want = text.substr(0, text.find(stop));
+
+  json req = MessagesRequestBody(16, false);
+  req["stop_sequences"] = {stop};
+  testing::HttpResponse stopped = Post(req, "/v1/messages");
+  ASSERT_EQ(stopped.status, 200) << stopped.body;
+  json j = json::parse(stopped.body);
+  EXPECT_EQ(TextOf(j), want) << "stop " << stop;
+  EXPECT_EQ(j["stop_reason"], "stop_sequence");
+  EXPECT_EQ(j["stop_sequence"], stop);
+
+  req["stream"] = true;
+  testing::HttpResponse streamed = Post(req, "/v1/messages");
+  ASSERT_EQ(streamed.status, 200) << streamed.body;
+  std::vector<SseEvent> events = AnthropicEvents(streamed.body);
+  ASSERT_GE(events.size(), 2u);
+  std::string deltas;
+  for (const SseEvent& e : events) {
+    if (e.type == "content_block_delta") deltas += e.data["delta"]["text"].get<std::string>();
+  }
+  EXPECT_EQ(deltas, want);
+  const SseEvent& md = events[events.size() - 2];
+  EXPECT_EQ(md.type, "message_delta");
+  EXPECT_EQ(md.data["delta"]["stop_reason"], "stop_sequence");
+  EXPECT_EQ(md.data["delta"]["stop_sequence"], stop);
+}
+
+TEST_F(GatewayIntegrationTest, MessagesThinkingGoesIntoAThinkingBlock) {
+  json req = MessagesRequestBody(12, false);
+  req["thinking"] = {{"type", "enabled"}, {"budget_tokens", 1024}};
+  testing::HttpResponse whole = Post(req, "/v1/messages");
+  ASSERT_EQ(whole.status, 200) << whole.body;
+  json m = json::parse(whole.body);
+  ASSERT_FALSE(m["content"].empty());
+  // Twelve tokens of a random model do not close </think>: the first block is the reasoning.
+  EXPECT_EQ(m["content"][0]["type"], "thinking") << m;
+
+  req["stream"] = true;
+  testing::HttpResponse streamed = Post(req, "/v1/messages");
+  ASSERT_EQ(streamed.status, 200) << streamed.body;
+  std::string thinking;
+  for (const SseEvent& e : AnthropicEvents(streamed.body)) {
+    if (e.type == "content_block_delta" && e.data["delta"]["type"] == "thinking_delta") {
+      thinking += e.data["delta"]["thinking"].get<std::string>();
+    }
+  }
+  EXPECT_EQ(thinking, m["content"][0]["thinking"]);
+}
+
+TEST_F(GatewayIntegrationTest, MessagesBadRequestsAnswerInAnthropicShape) {
+  json req = MessagesRequestBody(4, false);
+  req.erase("max_tokens");
+  testing::HttpResponse r = Post(req, "/v1/messages");
+  EXPECT_EQ(r.status, 400);
+  json j = json::parse(r.body);
+  EXPECT_EQ(j["type"], "error");
+  EXPECT_EQ(j["error"]["type"], "invalid_request_error");
+  EXPECT_EQ(j["error"]["message"].get<std::string>().rfind("max_tokens: ", 0), 0u) << j;
+  req = MessagesRequestBody(4, false);
+  req["model"] = "nope";
+  r = Post(req, "/v1/messages");
+  EXPECT_EQ(r.status, 404);
+  EXPECT_EQ(json::parse(r.body)["error"]["type"], "not_found_error");
 }
 
 }  // namespace
