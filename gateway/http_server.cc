@@ -16,6 +16,7 @@
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 #include <vector>
@@ -45,11 +46,20 @@ struct Pending : std::enable_shared_from_this<Pending> {
   enum class Kind { kNone, kWhole, kStream };
   explicit Pending(Executor s) : strand(std::move(s)) {}
 
+  // With mu held: the session no longer waits. The strand copy goes too: a producer thread may
+  // drop its Writer after the server and its io_context are gone, and a strand must not be
+  // destroyed after its io_context.
+  void Detach() {
+    detached = true;
+    timer = nullptr;
+    strand.reset();
+  }
+
   // With mu held.
   void Wake() {
     if (detached || wake_posted) return;
     wake_posted = true;
-    asio::post(strand, [self = shared_from_this()] {
+    asio::post(*strand, [self = shared_from_this()] {
       std::lock_guard<std::mutex> lock(self->mu);
       self->wake_posted = false;
       if (!self->detached && self->timer != nullptr) self->timer->cancel();
@@ -69,7 +79,7 @@ struct Pending : std::enable_shared_from_this<Pending> {
     if (callback) callback();
   }
 
-  const Executor strand;  // the connection's
+  std::optional<Executor> strand;  // the connection's, until Detach
   std::mutex mu;
   std::condition_variable cv;           // Write waits here for the queue to drain
   asio::steady_timer* timer = nullptr;  // the session's; valid while !detached
@@ -283,8 +293,7 @@ asio::awaitable<bool> ServeDeferred(beast::tcp_stream& stream, HttpServer::Impl*
   }
   {
     std::lock_guard<std::mutex> lock(p->mu);
-    p->detached = true;
-    p->timer = nullptr;
+    p->Detach();
   }
   // Aborts the hang-up watch, which must not outlive this answer.
   beast::error_code cancel_ec;
@@ -406,8 +415,7 @@ void HttpServer::Stop() {
   for (auto& p : pending) {
     {
       std::lock_guard<std::mutex> lock(p->mu);
-      p->detached = true;
-      p->timer = nullptr;
+      p->Detach();
     }
     p->Gone();
   }
