@@ -1,5 +1,6 @@
 #include "gateway/chat_request.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -87,27 +88,39 @@ std::string ApiError::ToJson() const {
   return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
-std::optional<ApiError> ParseChatRequest(std::string_view text, const std::string& model_id,
-                                         ChatRequest* out) {
+bool ServedModel::Serves(std::string_view name) const {
+  if (name == id) return true;
+  return std::any_of(aliases.begin(), aliases.end(),
+                     [name](const std::string& a) { return a == "*" || a == name; });
+}
+
+std::optional<ApiError> ParseBodyAndModel(std::string_view text, const ServedModel& served,
+                                          JsonValue* body, std::string* model) {
   absl::StatusOr<JsonValue> parsed = chat::ParseJson(text);
   if (!parsed.ok()) {
     return InvalidField("",
                         "the body is not valid JSON: " + std::string(parsed.status().message()));
   }
-  const JsonValue& body = *parsed;
-  if (!body.is_object()) return InvalidField("", "the body must be a JSON object");
-
-  const JsonValue* model = Field(body, "model");
-  if (model == nullptr || !model->is_string()) return InvalidField("model", "must be a string");
-  out->model = model->str();
-  if (out->model != model_id) {
+  if (!parsed->is_object()) return InvalidField("", "the body must be a JSON object");
+  *body = std::move(*parsed);
+  const JsonValue* m = Field(*body, "model");
+  if (m == nullptr || !m->is_string()) return InvalidField("model", "must be a string");
+  *model = m->str();
+  if (!served.Serves(*model)) {
     ApiError e =
-        InvalidField("model", "the model '" + out->model +
-                                  "' does not exist; this server serves '" + model_id + "'");
+        InvalidField("model", "the model '" + *model + "' does not exist; this server serves '" +
+                                  served.id + "'");
     e.status = 404;
     e.code = "model_not_found";
     return e;
   }
+  return std::nullopt;
+}
+
+std::optional<ApiError> ParseChatRequest(std::string_view text, const ServedModel& served,
+                                         ChatRequest* out) {
+  JsonValue body;
+  if (std::optional<ApiError> e = ParseBodyAndModel(text, served, &body, &out->model)) return e;
 
   const JsonValue* messages = Field(body, "messages");
   if (messages == nullptr || !messages->is_array() || messages->items().empty()) {

@@ -32,6 +32,18 @@ struct ApiError {
 
 ApiError InvalidField(std::string param, std::string message);
 
+// The model names a request may use: the served id, plus aliases (`--model-alias NAME=MODEL`, so
+// that clients configured with model names of their own work; `*` accepts any name).
+struct ServedModel {
+  ServedModel(std::string model_id) : id(std::move(model_id)) {}  // NOLINT: implicit on purpose
+  ServedModel(const char* model_id) : id(model_id) {}              // NOLINT: implicit on purpose
+  ServedModel(std::string model_id, std::vector<std::string> model_aliases)
+      : id(std::move(model_id)), aliases(std::move(model_aliases)) {}
+  std::string id;
+  std::vector<std::string> aliases;  // "*" = any name
+  bool Serves(std::string_view name) const;
+};
+
 struct ChatRequest {
   std::string model;
   std::vector<chat::Message> messages;  // request tools already attached
@@ -55,9 +67,14 @@ const chat::JsonValue* JsonField(const chat::JsonValue& body, std::string_view k
 std::optional<double> JsonNumber(const chat::JsonValue& v);
 std::optional<int64_t> JsonInteger(const chat::JsonValue& v);
 
+// The first steps of every generation route: the body as a JSON object, and its `model` one the
+// server serves (else 404, code model_not_found). `body` and `model` are filled on success.
+std::optional<ApiError> ParseBodyAndModel(std::string_view text, const ServedModel& served,
+                                          chat::JsonValue* body, std::string* model);
+
 // Parses and validates the body. `model_id` is the served model (404 for another name).
 // Returns the error to answer with, if any.
-std::optional<ApiError> ParseChatRequest(std::string_view body, const std::string& model_id,
+std::optional<ApiError> ParseChatRequest(std::string_view body, const ServedModel& served,
                                          ChatRequest* out);
 
 }  // namespace expertmesh::gateway

@@ -10,7 +10,7 @@
 #include <thread>
 
 #include "core/tokenizer/tokenizer.h"
-#include "gateway/chat_completions.h"
+#include "gateway/generation.h"
 #include "gateway/http_api.h"
 #include "gateway/http_server.h"
 #include "gateway/stop_matcher.h"
@@ -203,8 +203,8 @@ TEST(HttpServerStreamTest, StreamsChunksAndNoticesHangUp) {
   held.reset();
 }
 
-// No attention worker reachable: 503 in OpenAI's shape (Retry-After set by ChatCompletions).
-TEST(ChatCompletionsTest, NoWorkerIs503) {
+// No attention worker reachable: 503 in OpenAI's shape (Retry-After set by Generator).
+TEST(GeneratorTest, NoWorkerIs503) {
   auto tok = tokenizer::LoadDefaultTokenizer();
   ASSERT_TRUE(tok.ok()) << tok.status();
   ModelInfo model;
@@ -216,7 +216,7 @@ TEST(ChatCompletionsTest, NoWorkerIs503) {
   prometheus::Registry registry;
   HttpApi api(
       model, [] { return RouterHealth{}; }, registry,
-      std::make_shared<ChatCompletions>(model, tok->get(), gen));
+      std::make_shared<Generator>(model, tok->get(), gen));
   auto server =
       HttpServer::Start("127.0.0.1", 0, [&](const HttpRequest& r) { return api.Handle(r); });
   ASSERT_TRUE(server.ok()) << server.status();

@@ -3,23 +3,6 @@
 #include "core/rpc/reactors.h"
 
 namespace expertmesh::gateway {
-namespace {
-constexpr char kNotWired[] =
-    "the gateway does not yet tokenize, pick an attention worker and stream tokens";
-}  // namespace
-
-grpc::ServerUnaryReactor* GatewayService::Generate(grpc::CallbackServerContext* context,
-                                                   const expertmesh::v1::GenerateRequest*,
-                                                   expertmesh::v1::GenerateResponse*) {
-  return rpc::FinishUnary(context, rpc::Unimplemented("Gateway.Generate", kNotWired));
-}
-
-grpc::ServerWriteReactor<expertmesh::v1::GenerateChunk>* GatewayService::GenerateStream(
-    grpc::CallbackServerContext*, const expertmesh::v1::GenerateRequest*) {
-  return new rpc::FinishedWriteReactor<expertmesh::v1::GenerateChunk>(
-      rpc::Unimplemented("Gateway.GenerateStream", kNotWired));
-}
-
 grpc::ServerUnaryReactor* GatewayService::Models(grpc::CallbackServerContext* context,
                                                  const expertmesh::v1::ModelsRequest*,
                                                  expertmesh::v1::ModelsResponse* response) {

@@ -1,5 +1,4 @@
-// The gateway's public gRPC API. Models lists the configured model; Generate and
-// GenerateStream answer UNIMPLEMENTED until the data path to the attention workers exists.
+// The gateway's public gRPC API: Models lists the configured model (generation is HTTP only).
 #pragma once
 
 #include <optional>
@@ -13,12 +12,6 @@ class GatewayService final : public expertmesh::v1::Gateway::CallbackService {
  public:
   explicit GatewayService(std::optional<ModelInfo> model) : model_(std::move(model)) {}
 
-  grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
-                                     const expertmesh::v1::GenerateRequest* request,
-                                     expertmesh::v1::GenerateResponse* response) override;
-  grpc::ServerWriteReactor<expertmesh::v1::GenerateChunk>* GenerateStream(
-      grpc::CallbackServerContext* context,
-      const expertmesh::v1::GenerateRequest* request) override;
   grpc::ServerUnaryReactor* Models(grpc::CallbackServerContext* context,
                                    const expertmesh::v1::ModelsRequest* request,
                                    expertmesh::v1::ModelsResponse* response) override;

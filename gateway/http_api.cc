@@ -4,6 +4,7 @@
 
 #include "gateway/chat_request.h"
 #include "gateway/messages_api.h"
+#include "gateway/openai_api.h"
 #include "nlohmann/json.hpp"
 
 namespace expertmesh::gateway {
@@ -38,7 +39,7 @@ constexpr char kNotWired[] =
 }  // namespace
 
 HttpApi::HttpApi(std::optional<ModelInfo> model, std::function<RouterHealth()> router_health,
-                 prometheus::Registry& registry, std::shared_ptr<ChatCompletions> chat)
+                 prometheus::Registry& registry, std::shared_ptr<Generator> chat)
     : model_(std::move(model)),
       router_health_(std::move(router_health)),
       requests_(prometheus::BuildCounter()
@@ -52,9 +53,13 @@ HttpApi::~HttpApi() {
   idle_.wait(lock, [this] { return running_ == 0; });
 }
 
+ServedModel HttpApi::Served() const {
+  return ServedModel(chat_->model().id, chat_->model().aliases);
+}
+
 HttpResponse HttpApi::ChatCompletion(const HttpRequest& http) {
   auto request = std::make_shared<ChatRequest>();
-  if (std::optional<ApiError> e = ParseChatRequest(http.body, chat_->model().id, request.get())) {
+  if (std::optional<ApiError> e = ParseChatRequest(http.body, Served(), request.get())) {
     HttpResponse r;
     r.status = e->status;
     r.body = e->ToJson();
@@ -64,7 +69,7 @@ HttpResponse HttpApi::ChatCompletion(const HttpRequest& http) {
   HttpResponse r;
   r.deferred = [this, request](std::shared_ptr<ResponseWriter> writer) {
     Spawn([this, request, writer = std::move(writer)]() mutable {
-      chat_->Run(*request, *writer);
+      RunChatCompletion(*chat_, *request, *writer);
       writer.reset();
     });
   };
@@ -87,7 +92,7 @@ void HttpApi::Spawn(std::function<void()> work) {
 HttpResponse HttpApi::Messages(const HttpRequest& http) {
   auto request = std::make_shared<MessagesRequest>();
   if (std::optional<ApiError> e =
-          ParseMessagesRequest(http.body, chat_->model().id, false, request.get())) {
+          ParseMessagesRequest(http.body, Served(), false, request.get())) {
     HttpResponse r;
     r.status = e->status;
     r.body = e->ToAnthropicJson();
@@ -107,7 +112,7 @@ HttpResponse HttpApi::Messages(const HttpRequest& http) {
 HttpResponse HttpApi::CountTokens(const HttpRequest& http) {
   MessagesRequest request;
   if (std::optional<ApiError> e =
-          ParseMessagesRequest(http.body, chat_->model().id, true, &request)) {
+          ParseMessagesRequest(http.body, Served(), true, &request)) {
     HttpResponse r;
     r.status = e->status;
     r.body = e->ToAnthropicJson();

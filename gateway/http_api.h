@@ -11,7 +11,7 @@
 #include <optional>
 #include <string>
 
-#include "gateway/chat_completions.h"
+#include "gateway/generation.h"
 #include "gateway/http_server.h"
 #include "gateway/model_info.h"
 #include "prometheus/counter.h"
@@ -36,7 +36,7 @@ class HttpApi {
   // (thread-safe). Registers expertmesh_gateway_http_requests_total in `registry`. `chat` runs
   // POST /v1/chat/completions (null: 501, as without a tokenizer or workers).
   HttpApi(std::optional<ModelInfo> model, std::function<RouterHealth()> router_health,
-          prometheus::Registry& registry, std::shared_ptr<ChatCompletions> chat = nullptr);
+          prometheus::Registry& registry, std::shared_ptr<Generator> chat = nullptr);
   // Waits for the generations still running (stop the HTTP server first: that cancels them).
   ~HttpApi();
 
@@ -45,6 +45,7 @@ class HttpApi {
 
  private:
   HttpResponse Route(const HttpRequest& request, std::string* route_label);
+  ServedModel Served() const;  // the model names requests may use
   HttpResponse ChatCompletion(const HttpRequest& request);
   HttpResponse Messages(const HttpRequest& request);
   HttpResponse CountTokens(const HttpRequest& request);
@@ -54,7 +55,7 @@ class HttpApi {
   const std::optional<ModelInfo> model_;
   const std::function<RouterHealth()> router_health_;
   prometheus::Family<prometheus::Counter>& requests_;
-  const std::shared_ptr<ChatCompletions> chat_;
+  const std::shared_ptr<Generator> chat_;
   // Generations run on threads of their own; the destructor waits for them.
   std::mutex mu_;
   std::condition_variable idle_;

@@ -6,7 +6,7 @@
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
 #include "core/tokenizer/tokenizer.h"
-#include "gateway/chat_completions.h"
+#include "gateway/generation.h"
 #include "gateway/gateway_service.h"
 #include "gateway/http_api.h"
 #include "gateway/http_server.h"
@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   bool register_with_router = true;
   std::string tokenizer_path;
   std::string attention_worker;
+  std::vector<std::string> model_aliases;
   int64_t generate_timeout_ms = 30 * 60 * 1000;
   base::FlagSet flags("expertmesh-gateway",
                       "The cluster's HTTP API (OpenAI / Anthropic shaped) and public gRPC API.");
@@ -40,6 +41,9 @@ int main(int argc, char** argv) {
   flags.AddString("attention-worker", &attention_worker,
                   "send every sequence to this attention worker (host:port) instead of asking "
                   "--router to pick one");
+  flags.AddStringList("model-alias", &model_aliases,
+                      "NAME=MODEL: requests naming NAME are served by MODEL (the served model; "
+                      "NAME * = any name), for clients configured with model names of their own");
   flags.AddInt("generate-timeout-ms", &generate_timeout_ms,
                "deadline of one Generate call to an attention worker");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv); rc >= 0) return rc;
@@ -55,10 +59,16 @@ int main(int argc, char** argv) {
     auto info = gateway::LoadModelInfo(model_dir, model_name);
     if (!info.ok()) return rpc::ReportSetupError("expertmesh-gateway: --model", info.status());
     model = *info;
+    if (absl::Status s = gateway::AddModelAliases(model_aliases, &*model); !s.ok()) {
+      return rpc::ReportSetupError("expertmesh-gateway", s);
+    }
+  } else if (!model_aliases.empty()) {
+    std::fprintf(stderr, "expertmesh-gateway: --model-alias needs --model\n");
+    return 2;
   }
   // Generation needs the model and a tokenizer; without them the routes answer 501.
   std::unique_ptr<tokenizer::Tokenizer> tok;
-  std::shared_ptr<gateway::ChatCompletions> chat;
+  std::shared_ptr<gateway::Generator> chat;
   if (model) {
     auto loaded = tokenizer::LoadTokenizer(tokenizer_path);
     if (!loaded.ok() && !tokenizer_path.empty()) {
@@ -76,7 +86,7 @@ int main(int argc, char** argv) {
     gen.router = common.router;
     gen.attention_worker = attention_worker;
     gen.generate_timeout = absl::Milliseconds(generate_timeout_ms);
-    chat = std::make_shared<gateway::ChatCompletions>(*model, tok.get(), gen);
+    chat = std::make_shared<gateway::Generator>(*model, tok.get(), gen);
   }
   gateway::GatewayService service(model);
   p->AddService(&service);

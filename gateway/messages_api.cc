@@ -1,9 +1,5 @@
 #include "gateway/messages_api.h"
 
-#include <atomic>
-#include <random>
-
-#include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
 
 namespace expertmesh::gateway {
@@ -12,21 +8,7 @@ namespace {
 using chat::JsonValue;
 using nlohmann::json;
 
-std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
-
-std::string NewMessageId() {
-  static std::atomic<uint64_t> counter{0};
-  thread_local std::mt19937_64 rng(std::random_device{}());
-  return absl::StrFormat("msg_%016x%04x", rng(), counter.fetch_add(1) & 0xffff);
-}
-
-HttpResponse AnthropicErrorResponse(const ApiError& e) {
-  HttpResponse r;
-  r.status = e.status;
-  r.body = e.ToAnthropicJson();
-  r.headers = e.headers;
-  return r;
-}
+HttpResponse AnthropicErrorResponse(const ApiError& e) { return ErrorResponse(e, true); }
 
 ApiError NotSupported(const std::string& field, const std::string& what) {
   return InvalidField(field, what + " is not supported yet by this server");
@@ -80,26 +62,10 @@ std::optional<ApiError> ContentText(const JsonValue& content, const std::string&
 
 }  // namespace
 
-std::optional<ApiError> ParseMessagesRequest(std::string_view text, const std::string& model_id,
+std::optional<ApiError> ParseMessagesRequest(std::string_view text, const ServedModel& served,
                                              bool count_only, MessagesRequest* out) {
-  absl::StatusOr<JsonValue> parsed = chat::ParseJson(text);
-  if (!parsed.ok()) {
-    return InvalidField("",
-                        "the body is not valid JSON: " + std::string(parsed.status().message()));
-  }
-  const JsonValue& body = *parsed;
-  if (!body.is_object()) return InvalidField("", "the body must be a JSON object");
-
-  const JsonValue* model = JsonField(body, "model");
-  if (model == nullptr || !model->is_string()) return InvalidField("model", "must be a string");
-  out->model = model->str();
-  if (out->model != model_id) {
-    ApiError e =
-        InvalidField("model", "the model '" + out->model +
-                                  "' does not exist; this server serves '" + model_id + "'");
-    e.status = 404;
-    return e;
-  }
+  JsonValue body;
+  if (std::optional<ApiError> e = ParseBodyAndModel(text, served, &body, &out->model)) return e;
 
   GenerationInput& in = out->input;
   if (const JsonValue* v = JsonField(body, "system")) {
@@ -348,13 +314,13 @@ class AnthropicSink : public GenerationSink {
 
 }  // namespace
 
-void RunMessages(ChatCompletions& core, const MessagesRequest& request, ResponseWriter& writer) {
-  const std::string id = NewMessageId();
+void RunMessages(Generator& core, const MessagesRequest& request, ResponseWriter& writer) {
+  const std::string id = NewId("msg_");
   AnthropicSink sink(request, writer, id, core.model().id);
   core.Generate(request.input, id, writer, sink);
 }
 
-HttpResponse CountMessageTokens(const ChatCompletions& core, const MessagesRequest& request) {
+HttpResponse CountMessageTokens(const Generator& core, const MessagesRequest& request) {
   std::vector<int32_t> ids;
   if (std::optional<ApiError> e = core.PromptIds(request.input, &ids)) {
     return AnthropicErrorResponse(*e);

@@ -8,7 +8,7 @@
 #include <string>
 #include <string_view>
 
-#include "gateway/chat_completions.h"
+#include "gateway/generation.h"
 #include "gateway/chat_request.h"
 #include "gateway/http_server.h"
 
@@ -24,14 +24,14 @@ struct MessagesRequest {
 // Parses and validates the body. `count_only`: the count_tokens form, where max_tokens is not
 // required and sampling fields are not read. Errors name the field (answer with
 // ToAnthropicJson()).
-std::optional<ApiError> ParseMessagesRequest(std::string_view body, const std::string& model_id,
+std::optional<ApiError> ParseMessagesRequest(std::string_view body, const ServedModel& served,
                                              bool count_only, MessagesRequest* out);
 
 // Runs `request` through `core` and answers through `writer` (blocking). Thread-safe.
-void RunMessages(ChatCompletions& core, const MessagesRequest& request, ResponseWriter& writer);
+void RunMessages(Generator& core, const MessagesRequest& request, ResponseWriter& writer);
 
 // {"input_tokens": N}, N being the usage.input_tokens the same request would report; or the
 // error (Anthropic's shape).
-HttpResponse CountMessageTokens(const ChatCompletions& core, const MessagesRequest& request);
+HttpResponse CountMessageTokens(const Generator& core, const MessagesRequest& request);
 
 }  // namespace expertmesh::gateway

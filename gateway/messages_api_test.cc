@@ -120,7 +120,7 @@ TEST(MessagesApiTest, RoutesAnswerInAnthropicShape) {
   prometheus::Registry registry;
   HttpApi api(
       model, [] { return RouterHealth{}; }, registry,
-      std::make_shared<ChatCompletions>(model, tok->get(), gen));
+      std::make_shared<Generator>(model, tok->get(), gen));
   auto server =
       HttpServer::Start("127.0.0.1", 0, [&](const HttpRequest& r) { return api.Handle(r); });
   ASSERT_TRUE(server.ok()) << server.status();
@@ -151,7 +151,7 @@ TEST(MessagesApiTest, RoutesAnswerInAnthropicShape) {
   m.content = "hi";
   in.messages.push_back(m);
   std::vector<int32_t> ids;
-  ChatCompletions core(model, tok->get(), gen);
+  Generator core(model, tok->get(), gen);
   ASSERT_FALSE(core.PromptIds(in, &ids).has_value());
   EXPECT_EQ(json::parse(r->body)["input_tokens"], ids.size());
   EXPECT_GT(ids.size(), 1u);

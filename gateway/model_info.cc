@@ -34,4 +34,20 @@ absl::StatusOr<ModelInfo> LoadModelInfo(const std::string& dir, const std::strin
   return info;
 }
 
+absl::Status AddModelAliases(const std::vector<std::string>& flags, ModelInfo* model) {
+  for (const std::string& f : flags) {
+    const size_t eq = f.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      return absl::InvalidArgumentError("--model-alias '" + f + "': expected NAME=MODEL");
+    }
+    const std::string target = f.substr(eq + 1);
+    if (target != model->id) {
+      return absl::InvalidArgumentError("--model-alias '" + f + "': '" + target +
+                                        "' is not the served model '" + model->id + "'");
+    }
+    model->aliases.push_back(f.substr(0, eq));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace expertmesh::gateway

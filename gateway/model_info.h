@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/model/config.h"
@@ -17,7 +18,13 @@ struct ModelInfo {
   uint32_t context_length = 0;  // max_position_embeddings (0 if absent)
   uint32_t vocab_size = 0;      // vocab_size
   model::ModelConfig config;    // the whole parsed config.json
+  // Other names requests may use for this model (`--model-alias`); "*" = any name.
+  std::vector<std::string> aliases;
 };
+
+// Adds `--model-alias` values (`NAME=MODEL`, MODEL being the served id; NAME `*` = any name) to
+// `model`. Errors: InvalidArgument naming the value at fault.
+absl::Status AddModelAliases(const std::vector<std::string>& flags, ModelInfo* model);
 
 // Reads `dir`/config.json with the model's parser (em_config; no kernels), so the gateway
 // refuses at start a config the workers would refuse. `name` empty = the directory's base name.

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "core/base/mapped_file.h"
+#include "gateway/chat_request.h"
 #include "gtest/gtest.h"
 #include "tests/testing/model_config_json.h"
 
@@ -48,6 +49,21 @@ TEST(ModelInfoTest, MissingConfigIsNotFound) {
   auto info = LoadModelInfo(dir, "");
   ASSERT_FALSE(info.ok());
   EXPECT_EQ(info.status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(ModelInfoTest, AliasesNameTheServedModelOnly) {
+  ModelInfo m;
+  m.id = "tiny-a";
+  ASSERT_TRUE(AddModelAliases({"claude-sonnet-4-5=tiny-a", "gpt-x=tiny-a"}, &m).ok());
+  ServedModel served(m.id, m.aliases);
+  EXPECT_TRUE(served.Serves("tiny-a"));
+  EXPECT_TRUE(served.Serves("claude-sonnet-4-5"));
+  EXPECT_FALSE(served.Serves("claude-opus"));
+  EXPECT_FALSE(AddModelAliases({"x=other"}, &m).ok());
+  EXPECT_FALSE(AddModelAliases({"=tiny-a"}, &m).ok());
+  EXPECT_FALSE(AddModelAliases({"no-equals"}, &m).ok());
+  ASSERT_TRUE(AddModelAliases({"*=tiny-a"}, &m).ok());
+  EXPECT_TRUE(ServedModel(m.id, m.aliases).Serves("anything"));
 }
 
 }  // namespace

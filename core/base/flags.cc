@@ -24,6 +24,12 @@ void FlagSet::AddBool(std::string name, bool* value, std::string help) {
   flags_[std::move(name)] = Flag{Type::kBool, value, std::move(help), *value ? "true" : "false"};
 }
 
+void FlagSet::AddStringList(std::string name, std::vector<std::string>* values,
+                            std::string help) {
+  flags_[std::move(name)] =
+      Flag{Type::kStringList, values, std::move(help) + "; repeatable", "none"};
+}
+
 std::string FlagSet::Usage() const {
   std::string out = "usage: " + program_ + " [flags]\n" + summary_ + "\n\nflags:\n";
   out +=
@@ -45,6 +51,9 @@ absl::Status FlagSet::Set(std::string_view name, std::string_view value, std::st
   switch (flag.type) {
     case Type::kString:
       *static_cast<std::string*>(flag.value) = std::string(value);
+      return absl::OkStatus();
+    case Type::kStringList:
+      static_cast<std::vector<std::string>*>(flag.value)->emplace_back(value);
       return absl::OkStatus();
     case Type::kInt: {
       int64_t v;

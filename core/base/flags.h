@@ -23,6 +23,8 @@ class FlagSet {
   void AddString(std::string name, std::string* value, std::string help);
   void AddInt(std::string name, int64_t* value, std::string help);
   void AddBool(std::string name, bool* value, std::string help);
+  // A repeatable flag: every occurrence (command line or config file) appends one value.
+  void AddStringList(std::string name, std::vector<std::string>* values, std::string help);
 
   // Parses `--name=value`, `--name value`, bare `--flag` for booleans, and `--config FILE`.
   // Errors: InvalidArgument naming the flag/key (and file) at fault. Sets help_requested() on
@@ -35,7 +37,7 @@ class FlagSet {
   absl::Status Set(std::string_view name, std::string_view value, std::string_view source);
 
  private:
-  enum class Type { kString, kInt, kBool };
+  enum class Type { kString, kInt, kBool, kStringList };
   struct Flag {
     Type type;
     void* value;

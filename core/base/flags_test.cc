@@ -35,6 +35,18 @@ TEST(FlagSetTest, ParsesBothFormsAndBools) {
   EXPECT_TRUE(verbose);
 }
 
+TEST(FlagSetTest, RepeatableFlagAppendsEveryOccurrence) {
+  std::vector<std::string> keys;
+  std::string other;
+  FlagSet flags("prog", "test");
+  flags.AddStringList("api-key", &keys, "");
+  flags.AddString("other", &other, "");
+  Args args({"prog", "--api-key=a:t1", "--other", "x", "--api-key", "b"});
+  ASSERT_TRUE(flags.Parse(args.argc(), args.argv()).ok());
+  EXPECT_EQ(keys, (std::vector<std::string>{"a:t1", "b"}));
+  EXPECT_EQ(other, "x");
+}
+
 TEST(FlagSetTest, RejectsUnknownAndBadValuesNamingTheFlag) {
   int64_t lease = 1;
   FlagSet flags("prog", "test");

@@ -1,4 +1,4 @@
-#include "gateway/chat_completions.h"
+#include "gateway/generation.h"
 
 #include <atomic>
 #include <random>
@@ -14,22 +14,20 @@
 #include "nlohmann/json.hpp"
 
 namespace expertmesh::gateway {
-namespace {
-
-using nlohmann::json;
-
-std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
-
-std::string NewId() {
-  static std::atomic<uint64_t> counter{0};
-  thread_local std::mt19937_64 rng(std::random_device{}());
-  return absl::StrFormat("chatcmpl-%016x%04x", rng(), counter.fetch_add(1) & 0xffff);
+std::string Dump(const nlohmann::json& j) {
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
-HttpResponse ErrorResponse(const ApiError& e) {
+std::string NewId(std::string_view prefix) {
+  static std::atomic<uint64_t> counter{0};
+  thread_local std::mt19937_64 rng(std::random_device{}());
+  return absl::StrFormat("%s%016x%04x", prefix, rng(), counter.fetch_add(1) & 0xffff);
+}
+
+HttpResponse ErrorResponse(const ApiError& e, bool anthropic) {
   HttpResponse r;
   r.status = e.status;
-  r.body = e.ToJson();
+  r.body = anthropic ? e.ToAnthropicJson() : e.ToJson();
   r.headers = e.headers;
   return r;
 }
@@ -43,6 +41,10 @@ ApiError Unavailable(const std::string& message) {
   e.headers = {{"Retry-After", "1"}};
   return e;
 }
+
+namespace {
+
+using nlohmann::json;
 
 // The answer for a Generate call that failed before any token.
 ApiError FromGrpc(const grpc::Status& s, const std::string& address) {
@@ -71,29 +73,6 @@ ApiError FromGrpc(const grpc::Status& s, const std::string& address) {
   }
 }
 
-json DeltaJson(const chat::StreamDelta& d) {
-  json delta = json::object();
-  if (!d.reasoning_content.empty()) delta["reasoning_content"] = d.reasoning_content;
-  if (!d.content.empty()) delta["content"] = d.content;
-  if (!d.tool_calls.empty()) {
-    json calls = json::array();
-    for (const chat::ToolCallDelta& t : d.tool_calls) {
-      json c = {{"index", t.index}};
-      json fn = json::object();
-      if (!t.id.empty()) {
-        c["id"] = t.id;
-        c["type"] = "function";
-      }
-      if (!t.name.empty()) fn["name"] = t.name;
-      fn["arguments"] = t.arguments;
-      c["function"] = fn;
-      calls.push_back(c);
-    }
-    delta["tool_calls"] = calls;
-  }
-  return delta;
-}
-
 // Cancels the Generate call when the client hangs up; the context pointer is cleared before
 // the context dies.
 struct CancelHook {
@@ -109,20 +88,20 @@ struct CancelHook {
 
 }  // namespace
 
-ChatCompletions::ChatCompletions(ModelInfo model, const tokenizer::Tokenizer* tokenizer,
+Generator::Generator(ModelInfo model, const tokenizer::Tokenizer* tokenizer,
                                  GenerationOptions options)
     : model_(std::move(model)), tokenizer_(tokenizer), options_(std::move(options)) {
   if (tokenizer_ != nullptr) eos_id_ = tokenizer_->TokenToId(chat::kEos);
 }
 
-std::shared_ptr<grpc::Channel> ChatCompletions::Channel(const std::string& address) {
+std::shared_ptr<grpc::Channel> Generator::Channel(const std::string& address) {
   std::lock_guard<std::mutex> lock(mu_);
   auto& c = channels_[address];
   if (c == nullptr) c = rpc::MakeChannel(address);
   return c;
 }
 
-std::optional<ApiError> ChatCompletions::PickWorker(const std::string& tenant,
+std::optional<ApiError> Generator::PickWorker(const std::string& tenant,
                                                     std::string* address) {
   if (!options_.attention_worker.empty()) {
     *address = options_.attention_worker;
@@ -146,7 +125,7 @@ std::optional<ApiError> ChatCompletions::PickWorker(const std::string& tenant,
   return std::nullopt;
 }
 
-std::optional<ApiError> ChatCompletions::PromptIds(const GenerationInput& input,
+std::optional<ApiError> Generator::PromptIds(const GenerationInput& input,
                                                    std::vector<int32_t>* ids) const {
   if (tokenizer_ == nullptr) return Unavailable("the gateway has no tokenizer loaded");
   absl::StatusOr<chat::EncodedChat> encoded = chat::EncodeChat(input.messages, input.encode);
@@ -163,7 +142,7 @@ std::optional<ApiError> ChatCompletions::PromptIds(const GenerationInput& input,
   return std::nullopt;
 }
 
-void ChatCompletions::Generate(const GenerationInput& input, const std::string& id,
+void Generator::Generate(const GenerationInput& input, const std::string& id,
                                ResponseWriter& writer, GenerationSink& sink) {
   std::vector<int32_t> ids;
   if (std::optional<ApiError> e = PromptIds(input, &ids)) {
@@ -185,13 +164,14 @@ void ChatCompletions::Generate(const GenerationInput& input, const std::string& 
   }
 
   std::string address;
-  if (std::optional<ApiError> e = PickWorker(input.user, &address)) {
+  if (std::optional<ApiError> e = PickWorker(input.tenant, &address)) {
     sink.Fail(*e);
     return;
   }
 
   v1::SequenceRequest seq;
   seq.set_sequence_id(id);
+  seq.set_tenant(input.tenant);
   for (int32_t t : ids) seq.add_prompt_ids(static_cast<uint32_t>(t));
   v1::SamplingParams* sp = seq.mutable_sampling();
   sp->set_temperature(static_cast<float>(input.temperature));
@@ -282,135 +262,6 @@ void ChatCompletions::Generate(const GenerationInput& input, const std::string& 
   outcome.length = !stop.stopped() && worker_finish == v1::FINISH_REASON_LENGTH;
   outcome.message = &parser.message();
   sink.Finish(outcome);
-}
-
-namespace {
-
-// The OpenAI chat.completion answer: SSE chunks (streamed from the first token) or one body.
-class OpenAiSink : public GenerationSink {
- public:
-  OpenAiSink(const ChatRequest& request, ResponseWriter& writer, std::string id, std::string model)
-      : request_(request),
-        writer_(writer),
-        id_(std::move(id)),
-        model_(std::move(model)),
-        created_(absl::ToUnixSeconds(absl::Now())) {}
-
-  bool Begin(uint32_t) override {
-    if (!request_.stream) return true;
-    return StartStream();
-  }
-  bool Delta(const chat::StreamDelta& d) override {
-    if (!request_.stream) return true;
-    return writer_.Write(Chunk(Choice(DeltaJson(d), nullptr)));
-  }
-  void Fail(const ApiError& e) override {
-    if (!streaming_) {
-      writer_.Respond(ErrorResponse(e));
-      return;
-    }
-    // After streaming began: an error chunk, then the end marker, never a silently cut stream.
-    writer_.Write("data: " + json::parse(e.ToJson()).dump() + "\n\n");
-    writer_.Write("data: [DONE]\n\n");
-    writer_.End();
-  }
-  void Finish(const GenerationOutcome& o) override {
-    const chat::ParsedMessage& m = *o.message;
-    std::string finish = "stop";
-    if (!m.tool_calls.empty()) {
-      finish = "tool_calls";
-    } else if (o.length) {
-      finish = "length";
-    }
-    json usage = {{"prompt_tokens", o.prompt_tokens},
-                  {"completion_tokens", o.completion_tokens},
-                  {"total_tokens", o.prompt_tokens + o.completion_tokens},
-                  {"prompt_tokens_details", {{"cached_tokens", 0}}}};
-    if (request_.stream) {
-      if (!streaming_ && !StartStream()) return;
-      if (!writer_.Write(Chunk(Choice(json::object(), finish)))) return;
-      if (request_.include_usage) {
-        json c = {{"id", id_},       {"object", "chat.completion.chunk"}, {"created", created_},
-                  {"model", model_}, {"choices", json::array()},          {"usage", usage}};
-        if (!writer_.Write("data: " + Dump(c) + "\n\n")) return;
-      }
-      writer_.Write("data: [DONE]\n\n");
-      writer_.End();
-      return;
-    }
-    json message = {{"role", "assistant"}, {"content", m.content}};
-    if (request_.encode.thinking_mode == chat::ThinkingMode::kThinking) {
-      message["reasoning_content"] = m.reasoning_content;
-    }
-    if (!m.tool_calls.empty()) {
-      json calls = json::array();
-      for (const chat::ParsedToolCall& t : m.tool_calls) {
-        calls.push_back({{"id", t.id},
-                         {"type", "function"},
-                         {"function", {{"name", t.name}, {"arguments", t.arguments}}}});
-      }
-      message["tool_calls"] = calls;
-    }
-    json body = {{"id", id_},
-                 {"object", "chat.completion"},
-                 {"created", created_},
-                 {"model", model_},
-                 {"choices", json::array({{{"index", 0},
-                                           {"message", message},
-                                           {"logprobs", nullptr},
-                                           {"finish_reason", finish}}})},
-                 {"usage", usage}};
-    HttpResponse r;
-    r.body = Dump(body);
-    writer_.Respond(std::move(r));
-  }
-
- private:
-  bool StartStream() {
-    streaming_ = writer_.BeginStream(200, "text/event-stream");
-    return streaming_ &&
-           writer_.Write(Chunk(Choice({{"role", "assistant"}, {"content", ""}}, nullptr)));
-  }
-  std::string Chunk(json choices) const {
-    json c = {{"id", id_},
-              {"object", "chat.completion.chunk"},
-              {"created", created_},
-              {"model", model_},
-              {"choices", std::move(choices)}};
-    if (request_.include_usage) c["usage"] = nullptr;
-    return "data: " + Dump(c) + "\n\n";
-  }
-  static json Choice(json delta, json finish) {
-    return json::array({{{"index", 0},
-                         {"delta", std::move(delta)},
-                         {"logprobs", nullptr},
-                         {"finish_reason", std::move(finish)}}});
-  }
-
-  const ChatRequest& request_;
-  ResponseWriter& writer_;
-  const std::string id_;
-  const std::string model_;
-  const int64_t created_;
-  bool streaming_ = false;  // headers sent
-};
-
-}  // namespace
-
-void ChatCompletions::Run(const ChatRequest& request, ResponseWriter& writer) {
-  GenerationInput input;
-  input.messages = request.messages;
-  input.encode = request.encode;
-  input.temperature = request.temperature;
-  input.top_p = request.top_p;
-  input.top_k = request.top_k;
-  input.seed = request.seed;
-  input.max_tokens = request.max_tokens;
-  input.stop = request.stop;
-  input.user = request.user;
-  const std::string id = NewId();
-  OpenAiSink sink(request, writer, id, model_.id);
-  Generate(input, id, writer, sink);
 }
 
 }  // namespace expertmesh::gateway

@@ -1,14 +1,15 @@
 // The generation path shared by `POST /v1/chat/completions` and `POST /v1/messages`: V4 chat
 // encoding, tokenizing, picking an attention worker (router, by load; or a fixed one), the
 // Generate stream, incremental detokenizing, stop strings and the streaming chat parser. Each API
-// shapes the answer through a GenerationSink; the OpenAI one (one JSON response, or SSE chunks
-// written as tokens arrive) lives here, the Anthropic one in gateway/messages_api.h.
+// shapes the answer through a GenerationSink: OpenAI's in gateway/openai_api.h, Anthropic's in
+// gateway/messages_api.h.
 #pragma once
 
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 
 #include "absl/time/time.h"
 #include "core/chat/parser.h"
@@ -17,6 +18,7 @@
 #include "gateway/http_server.h"
 #include "gateway/model_info.h"
 #include "grpcpp/channel.h"
+#include "nlohmann/json_fwd.hpp"
 
 namespace expertmesh::gateway {
 
@@ -37,7 +39,11 @@ struct GenerationInput {
   std::optional<uint64_t> seed;
   uint32_t max_tokens = 0;  // 0 = until the context is full
   std::vector<std::string> stop;
-  std::string user;  // tenant for the router
+  std::string user;    // the API's end-user field (OpenAI `user`, Anthropic metadata.user_id)
+  std::string tenant;  // from the API key; travels to the router and the attention worker
+  // Held until the generation ends (Fail or Finish returned, or the client is gone): e.g. a
+  // per-key concurrency slot.
+  std::shared_ptr<void> lease;
 };
 
 struct GenerationOutcome {
@@ -63,15 +69,18 @@ class GenerationSink {
   virtual void Finish(const GenerationOutcome& outcome) = 0;
 };
 
-class ChatCompletions {
+// Helpers shared by the API shapes: compact JSON (invalid UTF-8 replaced), a fresh response id
+// (`prefix` + 20 hex digits), an error as a whole response in OpenAI's or Anthropic's shape, and
+// the 503 (Retry-After: 1) for "no attention worker can take it now".
+std::string Dump(const nlohmann::json& j);
+std::string NewId(std::string_view prefix);
+HttpResponse ErrorResponse(const ApiError& e, bool anthropic = false);
+ApiError Unavailable(const std::string& message);
+
+class Generator {
  public:
   // `tokenizer` must outlive this.
-  ChatCompletions(ModelInfo model, const tokenizer::Tokenizer* tokenizer,
-                  GenerationOptions options);
-
-  // Runs `request` to its end and answers through `writer` (blocking: call it on a thread of
-  // its own). A client that hangs up cancels the Generate call at once. Thread-safe.
-  void Run(const ChatRequest& request, ResponseWriter& writer);
+  Generator(ModelInfo model, const tokenizer::Tokenizer* tokenizer, GenerationOptions options);
 
   // The shared core: runs `input` as sequence `id`, reporting to `sink` (blocking). `writer` is
   // watched for a client that hangs up. Thread-safe.
