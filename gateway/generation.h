@@ -27,6 +27,7 @@ struct GenerationOptions {
   std::string attention_worker;  // fixed worker, used when set (or when there is no router)
   absl::Duration generate_timeout = absl::Minutes(30);  // deadline of one Generate call
   absl::Duration pick_timeout = absl::Seconds(2);
+  absl::Duration idle_interval = absl::Seconds(5);  // GenerationSink::Idle while waiting
 };
 
 // What one generation runs, whichever API asked for it.
@@ -39,11 +40,29 @@ struct GenerationInput {
   std::optional<uint64_t> seed;
   uint32_t max_tokens = 0;  // 0 = until the context is full
   std::vector<std::string> stop;
+  // Text the answer is made to begin with: appended to the prompt's tokens and fed to the
+  // parser first, as if generated (e.g. the opening of a DSML tool call to force one). Not
+  // counted in completion_tokens.
+  std::string assistant_prefix;
+  // Per-token log-probabilities (GenerationSink::Tokens); top_logprobs alternatives each.
+  bool logprobs = false;
+  uint32_t top_logprobs = 0;
+  // Thinking budget (thinking mode only): after this many generated tokens without `</think>`,
+  // the attention worker forces `</think>` (SamplingParams.max_thinking_tokens). 0 = none.
+  uint32_t max_thinking_tokens = 0;
   std::string user;    // the API's end-user field (OpenAI `user`, Anthropic metadata.user_id)
   std::string tenant;  // from the API key; travels to the router and the attention worker
   // Held until the generation ends (Fail or Finish returned, or the client is gone): e.g. a
   // per-key concurrency slot.
   std::shared_ptr<void> lease;
+};
+
+// One generated token as the worker reported it (GenerationInput.logprobs).
+struct GeneratedToken {
+  int32_t id = 0;
+  std::string bytes;  // the token's own bytes (may be part of a UTF-8 character)
+  float logprob = 0;
+  std::vector<std::pair<std::string, float>> top;  // best first: (token bytes, logprob)
 };
 
 struct GenerationOutcome {
@@ -65,6 +84,12 @@ class GenerationSink {
   // False: the client is gone (the generation is cancelled).
   virtual bool Begin(uint32_t prompt_tokens) = 0;
   virtual bool Delta(const chat::StreamDelta& delta) = 0;
+  // With GenerationInput.logprobs: the tokens behind the Delta calls that follow (called before
+  // them, in order).
+  virtual bool Tokens(const std::vector<GeneratedToken>& tokens) { return true; }
+  // Called about every GenerationOptions.idle_interval while no token arrives (before the first
+  // token too, after Begin-less waits): e.g. Anthropic's `ping` event. False: the client is gone.
+  virtual bool Idle() { return true; }
   virtual void Fail(const ApiError& error) = 0;
   virtual void Finish(const GenerationOutcome& outcome) = 0;
 };
