@@ -23,6 +23,11 @@ struct Scheduler::Seq {
   int64_t max_new = 0;
   bool logprobs = false;
   int top_logprobs = 0;
+  // Thinking budget: after max_thinking generated tokens without end_thinking, that id is
+  // forced (once). 0 = no budget.
+  int64_t max_thinking = 0;
+  int32_t end_thinking = -1;
+  bool thinking_closed = false;
   model::SequenceState state;
   int64_t fed = 0;                  // tokens of prompt + generated already fed to the model
   std::vector<int32_t> generated;   // sampled tokens
@@ -167,6 +172,12 @@ absl::Status Scheduler::Submit(const v1::SequenceRequest& request,
                                         std::to_string(id) + " is out of range");
     }
   }
+  if (sp.max_thinking_tokens() > 0 &&
+      sp.end_thinking_token_id() >= static_cast<uint32_t>(c.vocab_size)) {
+    return absl::InvalidArgumentError("sampling.end_thinking_token_id: token id " +
+                                      std::to_string(sp.end_thinking_token_id()) +
+                                      " is out of range (required with max_thinking_tokens)");
+  }
   auto s = std::make_unique<Seq>();
   s->id = request.sequence_id();
   s->sink = std::move(sink);
@@ -179,6 +190,8 @@ absl::Status Scheduler::Submit(const v1::SequenceRequest& request,
   s->max_new = sp.max_new_tokens() > 0 ? sp.max_new_tokens() : options_.default_max_new_tokens;
   s->logprobs = sp.logprobs() || sp.top_logprobs() > 0;
   s->top_logprobs = static_cast<int>(sp.top_logprobs());
+  s->max_thinking = sp.max_thinking_tokens();
+  s->end_thinking = static_cast<int32_t>(sp.end_thinking_token_id());
   s->reserved_bytes = EstimateStateBytes(static_cast<int64_t>(s->prompt.size()) + s->max_new);
   if (s->reserved_bytes > options_.state_memory_bytes) {
     return absl::ResourceExhaustedError(
@@ -463,7 +476,15 @@ void Scheduler::RunStep(std::vector<Seq*>& all) {
       absl::Span<const float> logits(p.pass->logits().data() + j * V, V);
       // The new token's absolute position keys its random draw.
       const int64_t position = s.fed;
-      const int32_t token = engine::SampleToken(logits, s.sampling, 0, position);
+      // At the thinking budget the end id is put in place of a draw. Draws are keyed by
+      // position, not by a running stream, so every later token is sampled exactly as it
+      // would be after that id had been drawn: the result stays deterministic and
+      // independent of the batch.
+      const bool force_end = s.max_thinking > 0 && !s.thinking_closed &&
+                             static_cast<int64_t>(s.generated.size()) >= s.max_thinking;
+      const int32_t token =
+          force_end ? s.end_thinking : engine::SampleToken(logits, s.sampling, 0, position);
+      if (token == s.end_thinking) s.thinking_closed = true;
       s.generated.push_back(token);
       s.generated_count.store(static_cast<uint32_t>(s.generated.size()));
       if (generated_tokens_) generated_tokens_->Increment();

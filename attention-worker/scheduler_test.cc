@@ -3,6 +3,7 @@
 // logprobs are the engine's, cancellation and the budgets work, bad requests name the field.
 #include "attention-worker/scheduler.h"
 
+#include <algorithm>
 #include <condition_variable>
 #include <mutex>
 #include <string>
@@ -191,6 +192,74 @@ TEST_F(SchedulerTest, CancelEndsTheSequenceWithCancelled) {
   ASSERT_TRUE(again->Wait());
 }
 
+// The thinking budget: at exactly max_thinking_tokens generated tokens without the end id, the
+// end id is the next token, and what follows is what the model samples after it (draws keyed by
+// position), whatever else shares the batch.
+TEST_F(SchedulerTest, ThinkingBudgetForcesTheEndIdAtTheBudget) {
+  SchedulerOptions o;
+  o.max_batch_tokens = 5;  // the companion's prefill shares steps with the budgeted decode
+  Scheduler s(model_.get(), o, nullptr);
+  const std::vector<uint32_t> prompt = {1, 2, 3, 4};
+  constexpr int kMaxNew = 10;
+  constexpr int kBudget = 3;
+  v1::SequenceRequest plain = Request("plain", prompt, kMaxNew, 0.9f, 7);
+  const std::vector<int32_t> free_run = EngineTokens(plain);
+  ASSERT_EQ(free_run.size(), static_cast<size_t>(kMaxNew));
+  // An end id the free run does not produce within the budget.
+  int32_t end = 0;
+  while (std::find(free_run.begin(), free_run.begin() + kBudget, end) !=
+         free_run.begin() + kBudget) {
+    ++end;
+  }
+  v1::SequenceRequest r = plain;
+  r.set_sequence_id("budget");
+  r.mutable_sampling()->set_max_thinking_tokens(kBudget);
+  r.mutable_sampling()->set_end_thinking_token_id(static_cast<uint32_t>(end));
+
+  // Expected: the free run up to the budget, the end id, then the engine's continuation of
+  // that text (same seed, same absolute positions).
+  std::vector<int32_t> expect(free_run.begin(), free_run.begin() + kBudget);
+  expect.push_back(end);
+  std::vector<int32_t> forced_prompt(prompt.begin(), prompt.end());
+  forced_prompt.insert(forced_prompt.end(), expect.begin(), expect.end());
+  engine::SamplingParams p;
+  p.temperature = 0.9f;
+  p.seed = 7;
+  auto rest = engine::Generate(*model_, forced_prompt, kMaxNew - kBudget - 1, p);
+  ASSERT_TRUE(rest.ok()) << rest.status();
+  expect.insert(expect.end(), rest->ids.begin(), rest->ids.end());
+
+  auto budgeted = std::make_shared<Collector>();
+  auto companion = std::make_shared<Collector>();
+  ASSERT_TRUE(s.Submit(r, budgeted).ok());
+  ASSERT_TRUE(s.Submit(Request("other", {9, 8, 7, 6, 5, 4, 3, 2, 1, 9, 8}, 6), companion).ok());
+  ASSERT_TRUE(budgeted->Wait());
+  ASSERT_TRUE(companion->Wait());
+  EXPECT_TRUE(budgeted->status().ok()) << budgeted->status();
+  EXPECT_EQ(budgeted->tokens(), expect);
+  ASSERT_GT(budgeted->tokens().size(), static_cast<size_t>(kBudget));
+  EXPECT_EQ(budgeted->tokens()[kBudget], end);
+
+  // The end id generated before the budget: nothing is forced, the run is the free one.
+  v1::SequenceRequest early = plain;
+  early.set_sequence_id("early");
+  early.mutable_sampling()->set_max_thinking_tokens(kBudget);
+  early.mutable_sampling()->set_end_thinking_token_id(static_cast<uint32_t>(free_run[1]));
+  auto early_sink = std::make_shared<Collector>();
+  ASSERT_TRUE(s.Submit(early, early_sink).ok());
+  ASSERT_TRUE(early_sink->Wait());
+  EXPECT_EQ(early_sink->tokens(), free_run);
+
+  // No budget (an end id alone changes nothing).
+  v1::SequenceRequest none = plain;
+  none.set_sequence_id("none");
+  none.mutable_sampling()->set_end_thinking_token_id(static_cast<uint32_t>(end));
+  auto none_sink = std::make_shared<Collector>();
+  ASSERT_TRUE(s.Submit(none, none_sink).ok());
+  ASSERT_TRUE(none_sink->Wait());
+  EXPECT_EQ(none_sink->tokens(), free_run);
+}
+
 TEST_F(SchedulerTest, BadRequestsNameTheField) {
   Scheduler s(model_.get(), {}, nullptr);
   auto sink = std::make_shared<Collector>();
@@ -207,6 +276,10 @@ TEST_F(SchedulerTest, BadRequestsNameTheField) {
   v1::SequenceRequest bad_stop = Request("x", {1}, 1);
   bad_stop.mutable_sampling()->add_stop_token_ids(99999);
   EXPECT_NE(err(bad_stop).message().find("sampling.stop_token_ids"), std::string::npos);
+  v1::SequenceRequest bad_end = Request("x", {1}, 4);
+  bad_end.mutable_sampling()->set_max_thinking_tokens(2);
+  bad_end.mutable_sampling()->set_end_thinking_token_id(99999);
+  EXPECT_NE(err(bad_end).message().find("sampling.end_thinking_token_id"), std::string::npos);
 
   SchedulerOptions tiny;
   tiny.state_memory_bytes = 1000;

@@ -70,6 +70,10 @@ int RunUp(int argc, char** argv) {
   std::string model_dir = repo + "/var/models/tiny";
   std::string log_dir = repo + "/var/log/up";
   std::string run_dir = repo + "/var/run";
+  std::vector<std::string> api_keys;
+  std::vector<std::string> model_aliases;
+  std::string api_keys_file;
+  int64_t max_concurrent_per_key = 64;
   base::FlagSet flags("expertmesh up",
                      "Starts router, kv-store, A attention workers, E expert workers and the "
                      "gateway on loopback, writes <run-dir>/cluster.json, restarts services that "
@@ -98,7 +102,37 @@ int RunUp(int argc, char** argv) {
                "how long to wait for all services to be healthy");
   flags.AddString("bin-dir", &bin_dir,
                   "build tree with the service binaries (default: the tree of this expertmesh)");
+  flags.AddStringList("api-key", &api_keys,
+                      "KEY[:TENANT]: the gateway accepts only these keys (and those of "
+                      "--api-keys-file); none = open");
+  flags.AddString("api-keys-file", &api_keys_file,
+                  "gateway keys file, `KEY [TENANT]` per line; re-read when the gateway gets "
+                  "SIGHUP");
+  flags.AddInt("max-concurrent-per-key", &max_concurrent_per_key,
+               "generation requests one API key may run at once in the gateway (0 = "
+               "unlimited)");
+  flags.AddStringList("model-alias", &model_aliases,
+                      "NAME=MODEL: the gateway serves requests naming NAME (* = any name) with "
+                      "the model");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv, "expertmesh up: "); rc >= 0) return rc;
+  for (const std::string& k : api_keys) options.extra_gateway_args.push_back("--api-key=" + k);
+  for (const std::string& a : model_aliases) {
+    options.extra_gateway_args.push_back("--model-alias=" + a);
+  }
+  if (!api_keys_file.empty()) {
+    if (!Exists(api_keys_file)) {
+      std::fprintf(stderr, "expertmesh up: --api-keys-file %s does not exist\n",
+                   api_keys_file.c_str());
+      return 2;
+    }
+    options.extra_gateway_args.push_back("--api-keys-file=" + api_keys_file);
+  }
+  if (max_concurrent_per_key < 0) {
+    std::fprintf(stderr, "expertmesh up: --max-concurrent-per-key must be >= 0\n");
+    return 2;
+  }
+  options.extra_gateway_args.push_back("--max-concurrent-per-key=" +
+                                       std::to_string(max_concurrent_per_key));
   if (attention_workers < 1 || attention_workers > 1000 || expert_workers < 1 ||
       expert_workers > 1000) {
     std::fprintf(stderr,

@@ -301,6 +301,19 @@ absl::Status LocalCluster::Plan() {
       }
       m.args.insert(m.args.end(), o.extra_expert_worker_args.begin(),
                     o.extra_expert_worker_args.end());
+    } else if (m.kind == "kv-store") {
+      // Blocks on disk survive a restart of the store (and of `up` with the same --run-dir).
+      if (BinaryHasFlag(m.binary, "disk-dir")) {
+        m.args.push_back("--disk-dir=" + o.run_dir + "/kv-store");
+      }
+    } else if (m.kind == "gateway") {
+      // The gateway's drain (finish running streams) must end before Stop's gateway phase does,
+      // or the streams are cut by SIGKILL instead of ending with an error event.
+      if (BinaryHasFlag(m.binary, "drain-timeout-ms")) {
+        m.args.push_back("--drain-timeout-ms=" +
+                         std::to_string(absl::ToInt64Milliseconds(o.stop_timeout * 0.3)));
+      }
+      m.args.insert(m.args.end(), o.extra_gateway_args.begin(), o.extra_gateway_args.end());
     }
   }
   return absl::OkStatus();
@@ -629,13 +642,17 @@ void LocalCluster::Stop() {
   if (stopped_) return;
   stopped_ = true;
   const absl::Time start = absl::Now();
-  // Front ends first (nothing new reaches the experts), then the expert workers, which may drain
-  // with the router, then kv-store and router, which the others deregister from. Each phase ends
-  // early once its processes are gone; the deadlines only bound a hung one.
-  std::vector<ClusterMember*> front, experts, back, all;
+  // The gateway first: it stops accepting and lets running streams finish (its drain timeout is
+  // 0.3 of ours) while the workers still serve them. Then the attention workers (nothing new
+  // reaches the experts), then the expert workers, which may drain with the router, then
+  // kv-store and router, which the others deregister from. Each phase ends early once its
+  // processes are gone; the deadlines only bound a hung one.
+  std::vector<ClusterMember*> gateways, front, experts, back, all;
   for (ClusterMember& m : members_) {
     all.push_back(&m);
-    if (m.kind == "gateway" || m.kind == "attention-worker") {
+    if (m.kind == "gateway") {
+      gateways.push_back(&m);
+    } else if (m.kind == "attention-worker") {
       front.push_back(&m);
     } else if (m.kind == "expert-worker") {
       experts.push_back(&m);
@@ -643,8 +660,9 @@ void LocalCluster::Stop() {
       back.push_back(&m);
     }
   }
-  SignalAndWait(front, SIGTERM, start + options_.stop_timeout * 0.3);
-  SignalAndWait(experts, SIGTERM, start + options_.stop_timeout * 0.75);
+  SignalAndWait(gateways, SIGTERM, start + options_.stop_timeout * 0.4);
+  SignalAndWait(front, SIGTERM, start + options_.stop_timeout * 0.55);
+  SignalAndWait(experts, SIGTERM, start + options_.stop_timeout * 0.8);
   SignalAndWait(back, SIGTERM, start + options_.stop_timeout);
   SignalAndWait(all, 0, start + options_.stop_timeout);  // 0: only waits for the stragglers
   for (ClusterMember* m : all) {

@@ -59,6 +59,7 @@ struct LocalClusterOptions {
   std::vector<std::string> extra_router_args;
   std::vector<std::string> extra_attention_worker_args;
   std::vector<std::string> extra_expert_worker_args;
+  std::vector<std::string> extra_gateway_args;  // e.g. --api-key=..., --model-alias=...
 
   absl::Duration ready_timeout = absl::Seconds(60);
   absl::Duration stop_timeout = absl::Seconds(10);  // then SIGKILL

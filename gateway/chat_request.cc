@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 
+#include "core/chat/encoder.h"
 #include "nlohmann/json.hpp"
 
 namespace expertmesh::gateway {
@@ -117,6 +118,102 @@ std::optional<ApiError> ParseBodyAndModel(std::string_view text, const ServedMod
   return std::nullopt;
 }
 
+std::string_view ToolCallOpeningStop() { return "\n\n<｜DSML｜tool_calls>"; }
+
+std::string ForcedToolCallPrefix(chat::ThinkingMode mode, std::string_view name) {
+  std::string p;
+  // The call can only be forced at the start of the answer, so a thinking turn is closed at
+  // once (empty reasoning): the worker cannot be made to insert the opening after </think>.
+  if (mode == chat::ThinkingMode::kThinking) p += chat::kThinkEnd;
+  p += ToolCallOpeningStop();
+  p += "\n";
+  if (!name.empty()) {
+    p += "<｜DSML｜invoke name=\"";
+    p += name;
+    p += "\">\n";
+  }
+  return p;
+}
+
+std::optional<ApiError> ParseOpenAiSampling(const JsonValue& body, OpenAiSampling* out) {
+  if (const JsonValue* v = Field(body, "temperature")) {
+    std::optional<double> d = Number(*v);
+    if (!d || *d < 0 || *d > 2) return InvalidField("temperature", "must be a number in [0, 2]");
+    out->temperature = *d;
+  }
+  if (const JsonValue* v = Field(body, "top_p")) {
+    std::optional<double> d = Number(*v);
+    if (!d || *d <= 0 || *d > 1) return InvalidField("top_p", "must be a number in (0, 1]");
+    out->top_p = *d;
+  }
+  if (const JsonValue* v = Field(body, "top_k")) {
+    std::optional<int64_t> i = Integer(*v);
+    if (!i || *i < 0 || *i > 1000000) return InvalidField("top_k", "must be an integer >= 0");
+    out->top_k = static_cast<uint32_t>(*i);
+  }
+  if (const JsonValue* v = Field(body, "seed")) {
+    std::optional<int64_t> i = Integer(*v);
+    if (!i) return InvalidField("seed", "must be an integer");
+    out->seed = static_cast<uint64_t>(*i);
+  }
+  for (const char* name : {"frequency_penalty", "presence_penalty"}) {
+    if (const JsonValue* v = Field(body, name)) {
+      std::optional<double> d = Number(*v);
+      if (!d || *d < -2 || *d > 2) return InvalidField(name, "must be a number in [-2, 2]");
+      if (*d != 0) return NotSupported(name, std::string("a non-zero ") + name);
+    }
+  }
+  if (const JsonValue* v = Field(body, "logit_bias")) {
+    if (!v->is_object()) return InvalidField("logit_bias", "must be an object");
+    if (!v->members().empty()) return NotSupported("logit_bias", "logit_bias");
+  }
+
+  if (const JsonValue* v = Field(body, "stop")) {
+    if (v->is_string()) {
+      if (!v->str().empty()) out->stop.push_back(v->str());
+    } else if (v->is_array()) {
+      if (v->items().size() > 4) return InvalidField("stop", "at most 4 stop sequences");
+      for (size_t i = 0; i < v->items().size(); ++i) {
+        const JsonValue& s = v->items()[i];
+        if (!s.is_string() || s.str().empty()) {
+          return InvalidField("stop[" + std::to_string(i) + "]", "must be a non-empty string");
+        }
+        out->stop.push_back(s.str());
+      }
+    } else {
+      return InvalidField("stop", "must be a string or an array of strings");
+    }
+  }
+
+  if (const JsonValue* v = Field(body, "stream")) {
+    if (!v->is_bool()) return InvalidField("stream", "must be a boolean");
+    out->stream = v->bool_value();
+  }
+  if (const JsonValue* v = Field(body, "stream_options")) {
+    if (!v->is_object()) return InvalidField("stream_options", "must be an object");
+    if (!out->stream) return InvalidField("stream_options", "is only allowed with stream: true");
+    if (const JsonValue* u = Field(*v, "include_usage")) {
+      if (!u->is_bool()) return InvalidField("stream_options.include_usage", "must be a boolean");
+      out->include_usage = u->bool_value();
+    }
+  }
+  if (const JsonValue* v = Field(body, "n")) {
+    std::optional<int64_t> i = Integer(*v);
+    if (!i || *i < 1 || *i > 16) return InvalidField("n", "must be an integer in [1, 16]");
+    // Streamed choices would interleave n generations in one event stream; refused until the
+    // answer can multiplex them (OpenAI allows it).
+    if (*i > 1 && out->stream) {
+      return NotSupported("n", "n > 1 with stream: true (request the choices without streaming)");
+    }
+    out->n = static_cast<uint32_t>(*i);
+  }
+  if (const JsonValue* v = Field(body, "user")) {
+    if (!v->is_string()) return InvalidField("user", "must be a string");
+    out->user = v->str();
+  }
+  return std::nullopt;
+}
+
 std::optional<ApiError> ParseChatRequest(std::string_view text, const ServedModel& served,
                                          ChatRequest* out) {
   JsonValue body;
@@ -144,27 +241,7 @@ std::optional<ApiError> ParseChatRequest(std::string_view text, const ServedMode
     }
   }
 
-  // Sampling.
-  if (const JsonValue* v = Field(body, "temperature")) {
-    std::optional<double> d = Number(*v);
-    if (!d || *d < 0 || *d > 2) return InvalidField("temperature", "must be a number in [0, 2]");
-    out->temperature = *d;
-  }
-  if (const JsonValue* v = Field(body, "top_p")) {
-    std::optional<double> d = Number(*v);
-    if (!d || *d <= 0 || *d > 1) return InvalidField("top_p", "must be a number in (0, 1]");
-    out->top_p = *d;
-  }
-  if (const JsonValue* v = Field(body, "top_k")) {
-    std::optional<int64_t> i = Integer(*v);
-    if (!i || *i < 0 || *i > 1000000) return InvalidField("top_k", "must be an integer >= 0");
-    out->top_k = static_cast<uint32_t>(*i);
-  }
-  if (const JsonValue* v = Field(body, "seed")) {
-    std::optional<int64_t> i = Integer(*v);
-    if (!i) return InvalidField("seed", "must be an integer");
-    out->seed = static_cast<uint64_t>(*i);
-  }
+  if (std::optional<ApiError> e = ParseOpenAiSampling(body, out)) return e;
   for (const char* name : {"max_tokens", "max_completion_tokens"}) {
     if (const JsonValue* v = Field(body, name)) {
       std::optional<int64_t> i = Integer(*v);
@@ -177,64 +254,16 @@ std::optional<ApiError> ParseChatRequest(std::string_view text, const ServedMode
       }
     }
   }
-  for (const char* name : {"frequency_penalty", "presence_penalty"}) {
-    if (const JsonValue* v = Field(body, name)) {
-      std::optional<double> d = Number(*v);
-      if (!d || *d < -2 || *d > 2) return InvalidField(name, "must be a number in [-2, 2]");
-      if (*d != 0) return NotSupported(name, std::string("a non-zero ") + name);
-    }
-  }
-  if (const JsonValue* v = Field(body, "logit_bias")) {
-    if (!v->is_object()) return InvalidField("logit_bias", "must be an object");
-    if (!v->members().empty()) return NotSupported("logit_bias", "logit_bias");
-  }
   if (const JsonValue* v = Field(body, "logprobs")) {
     if (!v->is_bool()) return InvalidField("logprobs", "must be a boolean");
-    if (v->bool_value()) return NotSupported("logprobs", "logprobs");
+    out->logprobs = v->bool_value();
   }
   if (const JsonValue* v = Field(body, "top_logprobs")) {
     std::optional<int64_t> i = Integer(*v);
     if (!i || *i < 0 || *i > 20)
       return InvalidField("top_logprobs", "must be an integer in [0, 20]");
-    if (*i > 0) return NotSupported("top_logprobs", "top_logprobs");
-  }
-
-  // Stop strings.
-  if (const JsonValue* v = Field(body, "stop")) {
-    if (v->is_string()) {
-      if (!v->str().empty()) out->stop.push_back(v->str());
-    } else if (v->is_array()) {
-      if (v->items().size() > 4) return InvalidField("stop", "at most 4 stop sequences");
-      for (size_t i = 0; i < v->items().size(); ++i) {
-        const JsonValue& s = v->items()[i];
-        if (!s.is_string() || s.str().empty()) {
-          return InvalidField("stop[" + std::to_string(i) + "]", "must be a non-empty string");
-        }
-        out->stop.push_back(s.str());
-      }
-    } else {
-      return InvalidField("stop", "must be a string or an array of strings");
-    }
-  }
-
-  // Streaming.
-  if (const JsonValue* v = Field(body, "stream")) {
-    if (!v->is_bool()) return InvalidField("stream", "must be a boolean");
-    out->stream = v->bool_value();
-  }
-  if (const JsonValue* v = Field(body, "stream_options")) {
-    if (!v->is_object()) return InvalidField("stream_options", "must be an object");
-    if (!out->stream) return InvalidField("stream_options", "is only allowed with stream: true");
-    if (const JsonValue* u = Field(*v, "include_usage")) {
-      if (!u->is_bool()) return InvalidField("stream_options.include_usage", "must be a boolean");
-      out->include_usage = u->bool_value();
-    }
-  }
-  if (const JsonValue* v = Field(body, "n")) {
-    std::optional<int64_t> i = Integer(*v);
-    if (!i || *i < 1 || *i > 128) return InvalidField("n", "must be an integer in [1, 128]");
-    if (*i > 1 && out->stream) return InvalidField("n", "must be 1 when streaming");
-    if (*i > 1) return NotSupported("n", "n > 1");
+    if (*i > 0 && !out->logprobs) return InvalidField("top_logprobs", "needs logprobs: true");
+    out->top_logprobs = static_cast<uint32_t>(*i);
   }
 
   // Thinking: V4 chat mode unless the request asks for reasoning.
@@ -267,29 +296,85 @@ std::optional<ApiError> ParseChatRequest(std::string_view text, const ServedMode
   }
 
   // Tools: encoded into the prompt; calls come back through the streaming parser.
+  std::vector<JsonValue> tools;
   if (const JsonValue* v = Field(body, "tools")) {
-    absl::StatusOr<std::vector<JsonValue>> tools = chat::ParseTools(*v, "tools");
-    if (!tools.ok()) {
-      std::string m(tools.status().message());
+    absl::StatusOr<std::vector<JsonValue>> parsed = chat::ParseTools(*v, "tools");
+    if (!parsed.ok()) {
+      std::string m(parsed.status().message());
       ApiError e;
       e.param = ParamOf(m, "tools");
       e.message = m;
       return e;
     }
-    out->has_tools = !tools->empty();
-    chat::AttachRequestTools(std::move(*tools), &out->messages);
+    tools = std::move(*parsed);
   }
   if (const JsonValue* v = Field(body, "tool_choice")) {
-    if (!v->is_string() || v->str() != "auto") {
-      if (v->is_string() && v->str() != "none" && v->str() != "required") {
+    if (v->is_string()) {
+      const std::string& c = v->str();
+      if (c == "auto") {
+        out->tool_choice = ToolChoice::kAuto;
+      } else if (c == "none") {
+        out->tool_choice = ToolChoice::kNone;
+      } else if (c == "required") {
+        out->tool_choice = ToolChoice::kRequired;
+      } else {
         return InvalidField("tool_choice", "must be auto, none, required or a named function");
       }
-      if (!v->is_string() && !v->is_object()) {
-        return InvalidField("tool_choice", "must be a string or an object");
+    } else if (v->is_object()) {
+      const JsonValue* type = Field(*v, "type");
+      if (type == nullptr || !type->is_string() || type->str() != "function") {
+        return InvalidField("tool_choice.type", "must be \"function\"");
       }
-      return NotSupported("tool_choice", "tool_choice other than \"auto\"");
+      const JsonValue* fn = Field(*v, "function");
+      if (fn == nullptr || !fn->is_object()) {
+        return InvalidField("tool_choice.function", "must be an object with a name");
+      }
+      const JsonValue* name = Field(*fn, "name");
+      if (name == nullptr || !name->is_string() || name->str().empty()) {
+        return InvalidField("tool_choice.function.name", "must be a non-empty string");
+      }
+      out->tool_choice = ToolChoice::kFunction;
+      out->tool_choice_name = name->str();
+    } else {
+      return InvalidField("tool_choice", "must be a string or an object");
     }
   }
+  if (out->tool_choice == ToolChoice::kRequired || out->tool_choice == ToolChoice::kFunction) {
+    if (tools.empty()) {
+      return InvalidField("tool_choice", "a forced tool call needs a non-empty tools array");
+    }
+  }
+  if (out->tool_choice == ToolChoice::kFunction) {
+    const bool known = std::any_of(tools.begin(), tools.end(), [&](const JsonValue& t) {
+      const JsonValue* fn = t.Find("function");
+      const JsonValue* name = fn != nullptr ? fn->Find("name") : nullptr;
+      return name != nullptr && name->is_string() && name->str() == out->tool_choice_name;
+    });
+    if (!known) {
+      return InvalidField("tool_choice.function.name",
+                          "no tool named '" + out->tool_choice_name + "' in tools");
+    }
+  }
+  switch (out->tool_choice) {
+    case ToolChoice::kAuto:
+      break;
+    case ToolChoice::kNone:
+      // The definitions stay out of the prompt (the model is not offered them), and a call the
+      // model writes anyway ends the text before its markup (a stop string the answer never
+      // reports).
+      tools.clear();
+      out->stop.emplace_back(ToolCallOpeningStop());
+      break;
+    case ToolChoice::kRequired:
+      out->assistant_prefix = ForcedToolCallPrefix(out->encode.thinking_mode, "");
+      break;
+    case ToolChoice::kFunction:
+      out->assistant_prefix =
+          ForcedToolCallPrefix(out->encode.thinking_mode, out->tool_choice_name);
+      break;
+  }
+  out->has_tools = !tools.empty();
+  if (!tools.empty()) chat::AttachRequestTools(std::move(tools), &out->messages);
   if (const JsonValue* v = Field(body, "parallel_tool_calls")) {
     if (!v->is_bool()) return InvalidField("parallel_tool_calls", "must be a boolean");
   }
@@ -313,10 +398,6 @@ std::optional<ApiError> ParseChatRequest(std::string_view text, const ServedMode
     }
   }
   if (Field(body, "audio") != nullptr) return NotSupported("audio", "audio output");
-  if (const JsonValue* v = Field(body, "user")) {
-    if (!v->is_string()) return InvalidField("user", "must be a string");
-    out->user = v->str();
-  }
   return std::nullopt;
 }
 

@@ -30,6 +30,8 @@ TEST(ChatRequestTest, BadInputsNameTheirField) {
     int status = 400;
   };
   const std::string msgs = R"("model":"m","messages":[{"role":"user","content":"hi"}])";
+  const std::string tools =
+      R"(,"tools":[{"type":"function","function":{"name":"f","parameters":{}}}])";
   const std::vector<Case> cases = {
       {R"({"messages":[{"role":"user","content":"hi"}]})", "model"},
       {R"({"model":"other","messages":[{"role":"user","content":"hi"}]})", "model", 404},
@@ -52,14 +54,33 @@ TEST(ChatRequestTest, BadInputsNameTheirField) {
        "stream_options.include_usage"},
       {"{" + msgs + R"(,"stream":true,"n":2})", "n"},
       {"{" + msgs + R"(,"n":0})", "n"},
-      {"{" + msgs + R"(,"n":2})", "n"},
+      {"{" + msgs + R"(,"n":17})", "n"},
+      {"{" + msgs + R"(,"n":1.5})", "n"},
       {"{" + msgs + R"(,"reasoning_effort":"extreme"})", "reasoning_effort"},
       {"{" + msgs + R"(,"chat_template_kwargs":{"thinking":"yes"}})",
        "chat_template_kwargs.thinking"},
       {"{" + msgs + R"(,"response_format":{"type":"json_schema","json_schema":{}}})",
        "response_format"},
       {"{" + msgs + R"(,"tool_choice":"required"})", "tool_choice"},
-      {"{" + msgs + R"(,"logprobs":true})", "logprobs"},
+      {"{" + msgs + R"(,"logprobs":1})", "logprobs"},
+      {"{" + msgs + R"(,"top_logprobs":2})", "top_logprobs"},
+      {"{" + msgs + R"(,"logprobs":true,"top_logprobs":21})", "top_logprobs"},
+      {"{" + msgs + R"(,"tool_choice":"sometimes"})", "tool_choice"},
+      {"{" + msgs + R"(,"tool_choice":7})", "tool_choice"},
+      {"{" + msgs + tools + R"(,"tool_choice":{"type":"tool","function":{"name":"f"}}})",
+       "tool_choice.type"},
+      {"{" + msgs + tools + R"(,"tool_choice":{"type":"function"}})", "tool_choice.function"},
+      {"{" + msgs + tools + R"(,"tool_choice":{"type":"function","function":{"name":""}}})",
+       "tool_choice.function.name"},
+      {"{" + msgs + tools + R"(,"tool_choice":{"type":"function","function":{"name":"g"}}})",
+       "tool_choice.function.name"},
+      {"{" + msgs + R"(,"tool_choice":{"type":"function","function":{"name":"f"}}})",
+       "tool_choice"},
+      {"{" + msgs + R"(,"response_format":{"type":"json_object"}})", "response_format"},
+      {"{" + msgs + R"(,"response_format":"json"})", "response_format"},
+      {"{" + msgs + R"(,"parallel_tool_calls":"no"})", "parallel_tool_calls"},
+      {"{" + msgs + R"(,"modalities":["audio"]})", "modalities"},
+      {"{" + msgs + R"(,"audio":{}})", "audio"},
       {"{" + msgs + R"(,"presence_penalty":0.5})", "presence_penalty"},
       {"{" + msgs + R"(,"logit_bias":{"1":5}})", "logit_bias"},
       {"{" + msgs + R"(,"user":7})", "user"},
@@ -107,6 +128,43 @@ TEST(ChatRequestTest, GoodRequestIsParsed) {
       ParseChatRequest(R"({"model":"m","messages":[{"role":"user","content":"x"}]})", "m", &plain));
   EXPECT_EQ(plain.encode.thinking_mode, chat::ThinkingMode::kChat);
   EXPECT_FALSE(plain.stream);
+}
+
+TEST(ChatRequestTest, NewFieldsAreParsed) {
+  const std::string base = R"({"model":"m","messages":[{"role":"user","content":"hi"}],)"
+                           R"("tools":[{"type":"function","function":{"name":"f"}}])";
+  ChatRequest a;
+  ASSERT_FALSE(ParseChatRequest(base + R"(,"logprobs":true,"top_logprobs":4,"n":3})", "m", &a));
+  EXPECT_TRUE(a.logprobs);
+  EXPECT_EQ(a.top_logprobs, 4u);
+  EXPECT_EQ(a.n, 3u);
+  EXPECT_EQ(a.tool_choice, ToolChoice::kAuto);
+  EXPECT_TRUE(a.has_tools);
+  EXPECT_TRUE(a.assistant_prefix.empty());
+  ASSERT_FALSE(a.messages.empty());
+  EXPECT_EQ(a.messages[0].tools.size(), 1u);
+
+  ChatRequest none;
+  ASSERT_FALSE(ParseChatRequest(base + R"(,"tool_choice":"none","stop":"X"})", "m", &none));
+  EXPECT_EQ(none.tool_choice, ToolChoice::kNone);
+  EXPECT_FALSE(none.has_tools);
+  for (const chat::Message& m : none.messages) EXPECT_TRUE(m.tools.empty());
+  EXPECT_EQ(none.stop, (std::vector<std::string>{"X", std::string(ToolCallOpeningStop())}));
+
+  ChatRequest req;
+  ASSERT_FALSE(ParseChatRequest(base + R"(,"tool_choice":"required"})", "m", &req));
+  EXPECT_EQ(req.tool_choice, ToolChoice::kRequired);
+  EXPECT_EQ(req.assistant_prefix, "\n\n<｜DSML｜tool_calls>\n");
+
+  ChatRequest named;
+  ASSERT_FALSE(ParseChatRequest(base + R"(,"tool_choice":{"type":"function",)"
+                                       R"("function":{"name":"f"}},"reasoning_effort":"high"})",
+                                "m", &named));
+  EXPECT_EQ(named.tool_choice, ToolChoice::kFunction);
+  EXPECT_EQ(named.tool_choice_name, "f");
+  // Thinking mode: the reasoning is closed first, then the call of f is opened.
+  EXPECT_EQ(named.assistant_prefix,
+            "</think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n");
 }
 
 TEST(StopMatcherTest, HoldsBackPartialMatchesAndDropsTheStop) {

@@ -1,6 +1,8 @@
 #include "gateway/generation.h"
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <random>
 
 #include "absl/strings/str_format.h"
@@ -9,6 +11,7 @@
 #include "core/rpc/channel.h"
 #include "expertmesh/v1/attention_worker.grpc.pb.h"
 #include "expertmesh/v1/router.grpc.pb.h"
+#include "gateway/gateway_metrics.h"
 #include "gateway/stop_matcher.h"
 #include "grpcpp/grpcpp.h"
 #include "nlohmann/json.hpp"
@@ -73,25 +76,507 @@ ApiError FromGrpc(const grpc::Status& s, const std::string& address) {
   }
 }
 
-// Cancels the Generate call when the client hangs up; the context pointer is cleared before
-// the context dies.
-struct CancelHook {
-  std::mutex mu;
-  grpc::ClientContext* context = nullptr;
-  bool cancelled = false;
-  void Cancel() {
-    std::lock_guard<std::mutex> lock(mu);
-    cancelled = true;
-    if (context != nullptr) context->TryCancel();
-  }
-};
-
 }  // namespace
 
+// Why a callback call for the router pick rather than a blocking one: the pick is one loopback
+// round trip (~70 us) when the router is healthy, but up to pick_timeout (2 s) when it is slow
+// or gone. Start runs on an HTTP thread (one serves every connection with --http-threads 1) and
+// later steps on gRPC's few callback threads; blocking either for that long would stall every
+// other stream on it, so no step of a generation waits on the network.
+//
+// One generation: the router pick, the Generate stream (a ClientReadReactor) and the answer.
+// Lives from Start until its last reaction (OnDone, or the pick's callback on an early end) and
+// until the ticker/drain callers that hold a reference let go. `mu_` serializes everything that
+// touches the sink, the decoder/parser and the read state: gRPC reactions, the writer's
+// OnDrained/OnClientGone callbacks (HTTP threads), the idle ticker and Drain.
+class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
+                         public std::enable_shared_from_this<Generation> {
+ public:
+  Generation(Generator* core, GenerationInput input, std::string id,
+             std::shared_ptr<ResponseWriter> writer, std::unique_ptr<GenerationSink> sink)
+      : core_(core),
+        input_(std::move(input)),
+        id_(std::move(id)),
+        writer_(std::move(writer)),
+        sink_(std::move(sink)),
+        stop_(input_.stop),
+        parser_(ParserOptions(input_, id_)),
+        start_(absl::Now()),
+        last_activity_(start_) {}
+
+  ~Generation() override {
+    if (GatewayMetrics* m = core_->options_.metrics) m->active_streams.Decrement();
+    core_->Unregister(this);  // last: the Generator may be destroyed right after
+  }
+
+  // On Start's thread.
+  void Run() {
+    if (GatewayMetrics* m = core_->options_.metrics) m->active_streams.Increment();
+    if (!core_->Register(this)) {
+      FailEarly(Unavailable("the gateway is shutting down"));
+      return;
+    }
+    std::vector<int32_t> ids;
+    if (std::optional<ApiError> e = core_->PromptIds(input_, &ids)) {
+      FailEarly(*e);
+      return;
+    }
+    prompt_tokens_ = static_cast<uint32_t>(ids.size());
+    uint32_t max_new = input_.max_tokens;
+    const uint32_t context = core_->model_.context_length;
+    if (context > 0) {
+      if (prompt_tokens_ >= context) {
+        FailEarly(InvalidField(input_.prompt_ids.empty() ? "messages" : "prompt",
+                               "the prompt is " + std::to_string(prompt_tokens_) +
+                                   " tokens; the model's context is " + std::to_string(context)));
+        return;
+      }
+      // More than the context leaves is clamped rather than refused (agents send large values).
+      const uint32_t left = context - prompt_tokens_;
+      if (max_new == 0 || max_new > left) max_new = left;
+    }
+    decoder_.emplace(*core_->tokenizer_);
+    if (!input_.assistant_prefix.empty() && !input_.raw_text) {
+      prefix_delta_ = parser_.Feed(input_.assistant_prefix);
+    }
+    BuildRequest(ids, max_new);
+
+    std::weak_ptr<Generation> weak = weak_from_this();
+    writer_->OnClientGone([weak] {
+      if (auto g = weak.lock()) g->OnClientGone();
+    });
+    self_ = shared_from_this();  // until the generation ends
+    const GenerationOptions& o = core_->options_;
+    if (!o.attention_worker.empty()) {
+      StartGenerate(o.attention_worker);
+      return;
+    }
+    if (o.router.empty()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      FailLocked(Unavailable("the gateway has neither --router nor --attention-worker"));
+      EndAndReleaseLocked();
+      return;
+    }
+    router_stub_ = std::make_unique<v1::Router::Stub>(core_->Channel(o.router));
+    rpc::SetTimeout(pick_ctx_, o.pick_timeout);
+    pick_req_.set_tenant(input_.tenant);
+    router_stub_->async()->PickAttentionWorker(
+        &pick_ctx_, &pick_req_, &pick_resp_,
+        [self = shared_from_this()](grpc::Status s) { self->OnPicked(std::move(s)); });
+  }
+
+  // Drain's deadline passed: end with `error` (an error chunk/event once streaming).
+  void Abort(const ApiError& error) {
+    bool release = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (ended_ || gone_ || aborted_) return;
+      aborted_ = true;
+      abort_error_ = error;
+      StopReadingLocked();
+      pick_ctx_.TryCancel();
+      ctx_.TryCancel();
+      release = TakeHoldLocked();
+    }
+    if (release) RemoveHold();
+  }
+
+  // The ticker: GenerationSink::Idle when nothing arrived for idle_interval.
+  void MaybeIdle(absl::Time now) {
+    bool release = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (ended_ || gone_ || aborted_ || !client_ok_ || finishing_) return;
+      if (now - last_activity_ < core_->options_.idle_interval) return;
+      last_activity_ = now;
+      client_ok_ = sink_->Idle(prompt_tokens_);
+      if (client_ok_) return;
+      GoneLocked();
+      release = TakeHoldLocked();
+    }
+    if (release) RemoveHold();
+  }
+
+  void OnReadDone(bool ok) override {
+    bool release = false;
+    bool read_again = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      reading_ = false;
+      if (!ok) stop_reading_ = true;
+      if (ok && !stop_reading_) {
+        Consume();
+        if (stop_.stopped() || !client_ok_) {
+          // A stop string (or a client that is gone): the worker frees the sequence.
+          StopReadingLocked();
+          ctx_.TryCancel();
+        }
+      }
+      if (stop_reading_) {
+        release = TakeHoldLocked();
+      } else {
+        // Backpressure: while the client's queue is over its limit no read is issued (the
+        // worker's stream then stalls on gRPC flow control); OnDrained resumes.
+        std::weak_ptr<Generation> weak = weak_from_this();
+        paused_ = writer_->OnDrained([weak] {
+          if (auto g = weak.lock()) g->OnDrained();
+        });
+        if (!paused_) read_again = reading_ = true;
+      }
+    }
+    if (read_again) StartRead(&msg_);
+    if (release) RemoveHold();
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    std::shared_ptr<Generation> keep;
+    std::unique_ptr<GenerationSink> sink;
+    std::shared_ptr<ResponseWriter> writer;
+    std::shared_ptr<void> lease;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      call_done_ = true;
+      Conclude(status);
+      EndLocked();
+      keep = std::move(self_);
+      sink = std::move(sink_);
+      writer = std::move(writer_);
+      lease = std::move(input_.lease);
+    }
+    // The sink, writer and lease go outside mu_ (dropping the writer may answer 500).
+  }
+
+ private:
+  static chat::ParseOptions ParserOptions(const GenerationInput& input, const std::string& id) {
+    chat::ParseOptions popts;
+    popts.thinking_mode = input.encode.thinking_mode;
+    popts.id_seed = std::hash<std::string>()(id);
+    return popts;
+  }
+
+  void BuildRequest(const std::vector<int32_t>& ids, uint32_t max_new) {
+    seq_.set_sequence_id(id_);
+    seq_.set_tenant(input_.tenant);
+    seq_.mutable_prompt_ids()->Reserve(static_cast<int>(ids.size()));
+    for (int32_t t : ids) seq_.add_prompt_ids(static_cast<uint32_t>(t));
+    v1::SamplingParams* sp = seq_.mutable_sampling();
+    sp->set_temperature(static_cast<float>(input_.temperature));
+    sp->set_top_p(static_cast<float>(input_.top_p));
+    sp->set_top_k(input_.top_k);
+    if (input_.seed) sp->set_seed(*input_.seed);
+    sp->set_max_new_tokens(max_new);
+    if (core_->eos_id_) sp->add_stop_token_ids(static_cast<uint32_t>(*core_->eos_id_));
+    if (input_.logprobs) {
+      sp->set_logprobs(true);
+      sp->set_top_logprobs(input_.top_logprobs);
+    }
+    // The budget means "thinking tokens": only a thinking-mode prompt has any.
+    if (input_.max_thinking_tokens > 0 &&
+        input_.encode.thinking_mode == chat::ThinkingMode::kThinking && core_->think_end_id_) {
+      sp->set_max_thinking_tokens(input_.max_thinking_tokens);
+      sp->set_end_thinking_token_id(static_cast<uint32_t>(*core_->think_end_id_));
+    }
+  }
+
+  // Before any call: answer on the caller's thread.
+  void FailEarly(const ApiError& e) {
+    std::unique_ptr<GenerationSink> sink;
+    std::shared_ptr<ResponseWriter> writer;
+    std::shared_ptr<void> lease;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      FailLocked(e);
+      EndLocked();
+      sink = std::move(sink_);
+      writer = std::move(writer_);
+      lease = std::move(input_.lease);
+    }
+  }
+
+  void OnPicked(grpc::Status s) {
+    std::string address;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (gone_ || aborted_) {
+        if (aborted_) FailLocked(abort_error_);
+        EndAndReleaseLocked();
+        return;
+      }
+      if (!s.ok() || pick_resp_.address().empty()) {
+        FailLocked(Unavailable("no attention worker is available (router " +
+                               core_->options_.router + ": " +
+                               (s.ok() ? std::string("empty answer") : s.error_message()) + ")"));
+        EndAndReleaseLocked();
+        return;
+      }
+      address = pick_resp_.address();
+    }
+    StartGenerate(address);
+  }
+
+  void StartGenerate(const std::string& address) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      address_ = address;
+      if (gone_ || aborted_) {
+        if (aborted_) FailLocked(abort_error_);
+        EndAndReleaseLocked();
+        return;
+      }
+      worker_stub_ = std::make_unique<v1::AttentionWorker::Stub>(core_->Channel(address));
+      rpc::SetTimeout(ctx_, core_->options_.generate_timeout);
+      if (GatewayMetrics* m = core_->options_.metrics) {
+        m->queue_time.Observe(absl::ToDoubleSeconds(absl::Now() - start_));
+        m->prompt_tokens.Increment(prompt_tokens_);
+      }
+      call_started_ = true;
+      hold_ = true;
+      reading_ = true;
+    }
+    worker_stub_->async()->Generate(&ctx_, &seq_, this);
+    // The hold lets a read be started later from OnDrained (an HTTP thread): without it the call
+    // could be done, and this reactor gone, while unread messages wait.
+    AddHold();
+    StartRead(&msg_);
+    StartCall();
+  }
+
+  void OnDrained() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!paused_) return;
+      paused_ = false;
+      if (stop_reading_) return;  // the hold was released when reading stopped
+      reading_ = true;
+    }
+    StartRead(&msg_);
+  }
+
+  void OnClientGone() {
+    bool release = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (ended_ || gone_) return;
+      GoneLocked();
+      release = TakeHoldLocked();
+    }
+    if (release) RemoveHold();
+  }
+
+  // With mu_ held: the client is gone; nothing more reaches the sink.
+  void GoneLocked() {
+    if (gone_) return;
+    gone_ = true;
+    if (GatewayMetrics* m = core_->options_.metrics) m->client_disconnects.Increment();
+    StopReadingLocked();
+    pick_ctx_.TryCancel();
+    ctx_.TryCancel();
+  }
+
+  void StopReadingLocked() { stop_reading_ = true; }
+
+  // With mu_ held: true when the caller must RemoveHold (after unlocking): reading has stopped
+  // and no read is in flight.
+  bool TakeHoldLocked() {
+    if (!hold_ || reading_ || !stop_reading_) return false;
+    hold_ = false;
+    return true;
+  }
+
+  void Emit(const chat::StreamDelta& d) {
+    if (d.empty() || !client_ok_ || gone_) return;
+    client_ok_ = sink_->Delta(d);
+  }
+
+  // With mu_ held: one SequenceTokens message.
+  void Consume() {
+    const absl::Time now = absl::Now();
+    last_activity_ = now;
+    GatewayMetrics* m = core_->options_.metrics;
+    if (msg_.token_ids_size() > 0) {
+      if (completion_tokens_ == 0) {
+        first_token_ = now;
+        if (m != nullptr) m->time_to_first_token.Observe(absl::ToDoubleSeconds(now - start_));
+      }
+      last_token_ = now;
+    }
+    if (!begun_) {
+      begun_ = true;
+      client_ok_ = sink_->Begin(prompt_tokens_);
+      Emit(prefix_delta_);
+    }
+    if (input_.logprobs && msg_.logprobs_size() > 0 && client_ok_) {
+      std::vector<GeneratedToken> tokens;
+      tokens.reserve(msg_.logprobs_size());
+      for (const v1::TokenLogprob& lp : msg_.logprobs()) {
+        GeneratedToken t;
+        t.id = static_cast<int32_t>(lp.token_id());
+        t.bytes = std::string(core_->tokenizer_->TokenBytes(t.id));
+        t.logprob = lp.logprob();
+        for (const v1::TopLogprob& alt : lp.top()) {
+          t.top.emplace_back(
+              std::string(core_->tokenizer_->TokenBytes(static_cast<int32_t>(alt.token_id()))),
+              alt.logprob());
+        }
+        tokens.push_back(std::move(t));
+      }
+      client_ok_ = sink_->Tokens(tokens);
+    }
+    std::string text;
+    uint32_t counted = 0;
+    for (uint32_t t : msg_.token_ids()) {
+      // The worker may send the stop id it ended on (the scheduler does): it is the end of the
+      // turn, not text, and not generated output (the parser gets EOS at the end instead).
+      if (core_->eos_id_ && t == static_cast<uint32_t>(*core_->eos_id_)) continue;
+      ++counted;
+      ++completion_tokens_;
+      text.clear();
+      decoder_->Add(static_cast<int32_t>(t), &text);
+      FeedText(stop_.Feed(text));
+      if (stop_.stopped()) break;
+    }
+    if (m != nullptr && counted > 0) m->generation_tokens.Increment(counted);
+    if (msg_.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) worker_finish_ = msg_.finish_reason();
+  }
+
+  // Text past the stop matcher: to the parser, or as it is for a plain completion.
+  void FeedText(const std::string& safe) {
+    if (safe.empty()) return;
+    if (input_.raw_text) {
+      raw_message_.content += safe;
+      chat::StreamDelta d;
+      d.content = safe;
+      Emit(d);
+      return;
+    }
+    Emit(parser_.Feed(safe));
+  }
+
+  // With mu_ held, in OnDone: the one Fail or Finish (or nothing for a client that left).
+  void Conclude(const grpc::Status& status) {
+    if (gone_ || !client_ok_) return;  // nobody to answer; the sequence is freed
+    if (aborted_) {
+      FailLocked(abort_error_);
+      return;
+    }
+    if (!stop_.stopped() && !status.ok()) {
+      FailLocked(FromGrpc(status, address_));
+      return;
+    }
+    finishing_ = true;
+    // The end of the text: held bytes, then (on the model's own end) EOS, so the parser settles.
+    if (!stop_.stopped()) {
+      std::string tail = stop_.Feed(decoder_->Flush());
+      tail += stop_.Flush();
+      FeedText(tail);
+    }
+    if (!input_.raw_text) {
+      if (!stop_.stopped() && worker_finish_ == v1::FINISH_REASON_STOP) {
+        Emit(parser_.Feed(chat::kEos));
+      }
+      Emit(parser_.Finish());
+    }
+    if (!client_ok_ || gone_) return;
+    GenerationOutcome outcome;
+    outcome.prompt_tokens = prompt_tokens_;
+    outcome.completion_tokens = completion_tokens_;
+    outcome.stopped_by_string = stop_.stopped();
+    outcome.stop_sequence = stop_.matched();
+    outcome.length = !stop_.stopped() && worker_finish_ == v1::FINISH_REASON_LENGTH;
+    outcome.message = input_.raw_text ? &raw_message_ : &parser_.message();
+    sink_->Finish(outcome);
+  }
+
+  void FailLocked(const ApiError& e) {
+    if (gone_ || sink_ == nullptr) return;
+    sink_->Fail(e);
+  }
+
+  // With mu_ held: the generation is over; latencies are recorded.
+  void EndLocked() {
+    if (ended_) return;
+    ended_ = true;
+    if (GatewayMetrics* m = core_->options_.metrics) {
+      const absl::Time now = absl::Now();
+      m->request_duration.Observe(absl::ToDoubleSeconds(now - start_));
+      if (completion_tokens_ > 1) {
+        m->time_per_output_token.Observe(absl::ToDoubleSeconds(last_token_ - first_token_) /
+                                         (completion_tokens_ - 1));
+      }
+    }
+  }
+
+  // With mu_ held, for an end before the Generate call. The caller's own reference (Start's or
+  // the pick callback's) keeps this alive until it returns; the sink, writer and lease go with
+  // the destructor, right after.
+  void EndAndReleaseLocked() {
+    EndLocked();
+    self_.reset();
+  }
+
+  Generator* const core_;
+  GenerationInput input_;
+  const std::string id_;
+  std::shared_ptr<ResponseWriter> writer_;
+  std::unique_ptr<GenerationSink> sink_;
+
+  std::mutex mu_;
+  StopMatcher stop_;
+  chat::StreamParser parser_;
+  std::optional<tokenizer::StreamDecoder> decoder_;
+  chat::ParsedMessage raw_message_;  // raw_text: the whole text
+  chat::StreamDelta prefix_delta_;   // what assistant_prefix parsed into, sent after Begin
+  const absl::Time start_;
+  absl::Time last_activity_;
+  absl::Time first_token_;
+  absl::Time last_token_;
+  uint32_t prompt_tokens_ = 0;
+  uint32_t completion_tokens_ = 0;
+  v1::FinishReason worker_finish_ = v1::FINISH_REASON_UNSPECIFIED;
+  std::string address_;
+
+  std::shared_ptr<Generation> self_;
+  std::unique_ptr<v1::Router::Stub> router_stub_;
+  grpc::ClientContext pick_ctx_;
+  v1::PickAttentionWorkerRequest pick_req_;
+  v1::PickAttentionWorkerResponse pick_resp_;
+  std::unique_ptr<v1::AttentionWorker::Stub> worker_stub_;
+  grpc::ClientContext ctx_;
+  v1::SequenceRequest seq_;
+  v1::SequenceTokens msg_;
+
+  bool call_started_ = false;
+  bool call_done_ = false;
+  bool hold_ = false;          // our hold on the call (released once reading has stopped)
+  bool reading_ = false;       // a StartRead is in flight
+  bool paused_ = false;        // waiting for OnDrained
+  bool stop_reading_ = false;  // no more reads: the end, a stop string, cancellation
+  bool begun_ = false;
+  bool client_ok_ = true;
+  bool gone_ = false;
+  bool aborted_ = false;
+  bool finishing_ = false;
+  bool ended_ = false;
+  ApiError abort_error_;
+};
+
 Generator::Generator(ModelInfo model, const tokenizer::Tokenizer* tokenizer,
-                                 GenerationOptions options)
+                     GenerationOptions options)
     : model_(std::move(model)), tokenizer_(tokenizer), options_(std::move(options)) {
-  if (tokenizer_ != nullptr) eos_id_ = tokenizer_->TokenToId(chat::kEos);
+  if (tokenizer_ != nullptr) {
+    eos_id_ = tokenizer_->TokenToId(chat::kEos);
+    think_end_id_ = tokenizer_->TokenToId(chat::kThinkEnd);
+  }
+  ticker_ = std::thread([this] { Tick(); });
+}
+
+Generator::~Generator() {
+  WaitIdle();
+  std::unique_lock<std::mutex> lock(mu_);
+  stopping_ = true;
+  lock.unlock();
+  tick_.notify_all();
+  ticker_.join();
 }
 
 std::shared_ptr<grpc::Channel> Generator::Channel(const std::string& address) {
@@ -101,167 +586,108 @@ std::shared_ptr<grpc::Channel> Generator::Channel(const std::string& address) {
   return c;
 }
 
-std::optional<ApiError> Generator::PickWorker(const std::string& tenant,
-                                                    std::string* address) {
-  if (!options_.attention_worker.empty()) {
-    *address = options_.attention_worker;
-    return std::nullopt;
-  }
-  if (options_.router.empty()) {
-    return Unavailable("the gateway has neither --router nor --attention-worker");
-  }
-  v1::Router::Stub stub(Channel(options_.router));
-  grpc::ClientContext ctx;
-  rpc::SetTimeout(ctx, options_.pick_timeout);
-  v1::PickAttentionWorkerRequest req;
-  req.set_tenant(tenant);
-  v1::PickAttentionWorkerResponse resp;
-  grpc::Status s = stub.PickAttentionWorker(&ctx, req, &resp);
-  if (!s.ok() || resp.address().empty()) {
-    return Unavailable("no attention worker is available (router " + options_.router + ": " +
-                       (s.ok() ? std::string("empty answer") : s.error_message()) + ")");
-  }
-  *address = resp.address();
-  return std::nullopt;
+bool Generator::Register(Generation* g) {
+  std::lock_guard<std::mutex> lock(mu_);
+  live_.insert(g);  // counted even when refused: its destructor unregisters
+  return !draining_;
 }
+
+void Generator::Unregister(Generation* g) {
+  std::lock_guard<std::mutex> lock(mu_);
+  live_.erase(g);
+  if (live_.empty()) idle_.notify_all();
+}
+
+bool Generator::draining() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return draining_;
+}
+
+void Generator::WaitIdle() const {
+  std::unique_lock<std::mutex> lock(mu_);
+  idle_.wait(lock, [this] { return live_.empty(); });
+}
+
+size_t Generator::running() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return live_.size();
+}
+
+// The live generations that can still be reached (one being destroyed cannot).
+static std::vector<std::shared_ptr<Generation>> Reachable(const std::set<Generation*>& live) {
+  std::vector<std::shared_ptr<Generation>> out;
+  out.reserve(live.size());
+  for (Generation* g : live) {
+    if (auto p = g->weak_from_this().lock()) out.push_back(std::move(p));
+  }
+  return out;
+}
+
+void Generator::Tick() {
+  // A quarter of the interval: an Idle comes between 1 and 1.25 intervals after the last token.
+  const absl::Duration period = std::max(options_.idle_interval / 4, absl::Milliseconds(5));
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    tick_.wait_for(lock, absl::ToChronoNanoseconds(period), [this] { return stopping_; });
+    if (stopping_) break;
+    std::vector<std::shared_ptr<Generation>> live = Reachable(live_);
+    lock.unlock();
+    const absl::Time now = absl::Now();
+    for (auto& g : live) g->MaybeIdle(now);
+    live.clear();  // a generation may end here: its destructor takes mu_
+    lock.lock();
+  }
+}
+
+void Generator::Drain(absl::Duration timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  draining_ = true;
+  idle_.wait_for(lock, absl::ToChronoNanoseconds(timeout), [this] { return live_.empty(); });
+  if (live_.empty()) return;
+  std::vector<std::shared_ptr<Generation>> live = Reachable(live_);
+  lock.unlock();
+  ApiError e = Unavailable("the gateway is shutting down: the generation was cancelled after "
+                           "the drain deadline");
+  for (auto& g : live) g->Abort(e);
+  live.clear();
+  lock.lock();
+  // Cancelled calls end within a round trip; the bound only guards against a stuck peer.
+  idle_.wait_for(lock, std::chrono::seconds(10), [this] { return live_.empty(); });
+}
+
+void Generator::Start(GenerationInput input, std::string id,
+                      std::shared_ptr<ResponseWriter> writer,
+                      std::unique_ptr<GenerationSink> sink) {
+  auto g = std::make_shared<Generation>(this, std::move(input), std::move(id), std::move(writer),
+                                        std::move(sink));
+  g->Run();
+}
+
 
 std::optional<ApiError> Generator::PromptIds(const GenerationInput& input,
                                                    std::vector<int32_t>* ids) const {
   if (tokenizer_ == nullptr) return Unavailable("the gateway has no tokenizer loaded");
-  absl::StatusOr<chat::EncodedChat> encoded = chat::EncodeChat(input.messages, input.encode);
-  if (!encoded.ok()) return InvalidField("messages", std::string(encoded.status().message()));
-  absl::StatusOr<std::vector<int32_t>> tokens = chat::ChatIds(*encoded, *tokenizer_);
-  if (!tokens.ok()) {
-    ApiError e = Unavailable("the tokenizer cannot encode the chat: " +
-                             std::string(tokens.status().message()));
-    e.status = 500;
-    e.headers.clear();
-    return e;
+  if (!input.prompt_ids.empty()) {
+    *ids = input.prompt_ids;
+  } else {
+    absl::StatusOr<chat::EncodedChat> encoded = chat::EncodeChat(input.messages, input.encode);
+    if (!encoded.ok()) return InvalidField("messages", std::string(encoded.status().message()));
+    absl::StatusOr<std::vector<int32_t>> tokens = chat::ChatIds(*encoded, *tokenizer_);
+    if (!tokens.ok()) {
+      ApiError e = Unavailable("the tokenizer cannot encode the chat: " +
+                               std::string(tokens.status().message()));
+      e.status = 500;
+      e.headers.clear();
+      return e;
+    }
+    *ids = std::move(*tokens);
   }
-  *ids = std::move(*tokens);
+  // The prefix is gateway text standing for generated output: added-token strings in it are
+  // the tokens the model would have produced.
+  if (!input.assistant_prefix.empty()) {
+    tokenizer_->EncodeAppend(input.assistant_prefix, /*match_added_tokens=*/true, ids);
+  }
   return std::nullopt;
-}
-
-void Generator::Generate(const GenerationInput& input, const std::string& id,
-                               ResponseWriter& writer, GenerationSink& sink) {
-  std::vector<int32_t> ids;
-  if (std::optional<ApiError> e = PromptIds(input, &ids)) {
-    sink.Fail(*e);
-    return;
-  }
-  const uint32_t prompt_tokens = static_cast<uint32_t>(ids.size());
-  uint32_t max_new = input.max_tokens;
-  if (model_.context_length > 0) {
-    if (prompt_tokens >= model_.context_length) {
-      sink.Fail(InvalidField("messages", "the prompt is " + std::to_string(prompt_tokens) +
-                                             " tokens; the model's context is " +
-                                             std::to_string(model_.context_length)));
-      return;
-    }
-    // More than the context leaves is clamped rather than refused (agents send large values).
-    const uint32_t left = model_.context_length - prompt_tokens;
-    if (max_new == 0 || max_new > left) max_new = left;
-  }
-
-  std::string address;
-  if (std::optional<ApiError> e = PickWorker(input.tenant, &address)) {
-    sink.Fail(*e);
-    return;
-  }
-
-  v1::SequenceRequest seq;
-  seq.set_sequence_id(id);
-  seq.set_tenant(input.tenant);
-  for (int32_t t : ids) seq.add_prompt_ids(static_cast<uint32_t>(t));
-  v1::SamplingParams* sp = seq.mutable_sampling();
-  sp->set_temperature(static_cast<float>(input.temperature));
-  sp->set_top_p(static_cast<float>(input.top_p));
-  sp->set_top_k(input.top_k);
-  if (input.seed) sp->set_seed(*input.seed);
-  sp->set_max_new_tokens(max_new);
-  if (eos_id_) sp->add_stop_token_ids(static_cast<uint32_t>(*eos_id_));
-
-  v1::AttentionWorker::Stub stub(Channel(address));
-  grpc::ClientContext ctx;
-  rpc::SetTimeout(ctx, options_.generate_timeout);
-  auto hook = std::make_shared<CancelHook>();
-  {
-    std::lock_guard<std::mutex> lock(hook->mu);
-    hook->context = &ctx;
-  }
-  writer.OnClientGone([hook] { hook->Cancel(); });
-  std::unique_ptr<grpc::ClientReader<v1::SequenceTokens>> reader = stub.Generate(&ctx, seq);
-
-  tokenizer::StreamDecoder decoder(*tokenizer_);
-  StopMatcher stop(input.stop);
-  chat::ParseOptions popts;
-  popts.thinking_mode = input.encode.thinking_mode;
-  popts.id_seed = std::hash<std::string>()(id);
-  chat::StreamParser parser(popts);
-
-  bool client_ok = true;
-  auto emit = [&](const chat::StreamDelta& d) {
-    if (d.empty() || !client_ok) return;
-    client_ok = sink.Delta(d);
-  };
-
-  uint32_t completion_tokens = 0;
-  v1::FinishReason worker_finish = v1::FINISH_REASON_UNSPECIFIED;
-  v1::SequenceTokens msg;
-  bool got_any = false;
-  while (reader->Read(&msg)) {
-    if (!got_any) {
-      got_any = true;
-      client_ok = sink.Begin(prompt_tokens);
-    }
-    for (uint32_t t : msg.token_ids()) {
-      ++completion_tokens;
-      std::string text = decoder.Add(static_cast<int32_t>(t));
-      std::string safe = stop.Feed(text);
-      emit(parser.Feed(safe));
-      if (stop.stopped()) break;
-    }
-    if (msg.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) worker_finish = msg.finish_reason();
-    if (stop.stopped() || !client_ok) {
-      hook->Cancel();
-      break;
-    }
-  }
-  if (stop.stopped() || !client_ok) {
-    while (reader->Read(&msg)) {
-    }
-  }
-  grpc::Status status = reader->Finish();
-  {
-    std::lock_guard<std::mutex> lock(hook->mu);
-    hook->context = nullptr;
-  }
-  if (writer.client_gone() || !client_ok) return;  // nobody to answer; the sequence is freed
-
-  if (!stop.stopped() && !status.ok()) {
-    sink.Fail(FromGrpc(status, address));
-    return;
-  }
-
-  // The end of the text: held bytes, then (on the model's own end) EOS, so the parser settles.
-  std::string tail;
-  if (!stop.stopped()) {
-    tail = stop.Feed(decoder.Flush());
-    tail += stop.Flush();
-  }
-  emit(parser.Feed(tail));
-  if (!stop.stopped() && worker_finish == v1::FINISH_REASON_STOP) emit(parser.Feed(chat::kEos));
-  emit(parser.Finish());
-  if (!client_ok) return;
-
-  GenerationOutcome outcome;
-  outcome.prompt_tokens = prompt_tokens;
-  outcome.completion_tokens = completion_tokens;
-  outcome.stopped_by_string = stop.stopped();
-  outcome.stop_sequence = stop.matched();
-  outcome.length = !stop.stopped() && worker_finish == v1::FINISH_REASON_LENGTH;
-  outcome.message = &parser.message();
-  sink.Finish(outcome);
 }
 
 }  // namespace expertmesh::gateway

@@ -5,11 +5,14 @@
 // gateway/messages_api.h.
 #pragma once
 
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <string_view>
+#include <thread>
 
 #include "absl/time/time.h"
 #include "core/chat/parser.h"
@@ -22,18 +25,27 @@
 
 namespace expertmesh::gateway {
 
+struct GatewayMetrics;  // gateway/gateway_metrics.h
+
 struct GenerationOptions {
   std::string router;            // "host:port"; PickAttentionWorker chooses the worker
   std::string attention_worker;  // fixed worker, used when set (or when there is no router)
   absl::Duration generate_timeout = absl::Minutes(30);  // deadline of one Generate call
   absl::Duration pick_timeout = absl::Seconds(2);
   absl::Duration idle_interval = absl::Seconds(5);  // GenerationSink::Idle while waiting
+  // Optional (must outlive the Generator): token counts, latencies, active streams.
+  GatewayMetrics* metrics = nullptr;
 };
 
 // What one generation runs, whichever API asked for it.
 struct GenerationInput {
   std::vector<chat::Message> messages;
   chat::EncodeOptions encode;
+  // When set, used as the prompt instead of encoding messages (OpenAI /v1/completions).
+  std::vector<int32_t> prompt_ids;
+  // A plain text completion (/v1/completions): the generated text goes to StreamDelta.content
+  // byte for byte, without the chat parser (no reasoning / tool-call split, no EOS handling).
+  bool raw_text = false;
   double temperature = 1.0;
   double top_p = 1.0;
   uint32_t top_k = 0;
@@ -42,7 +54,10 @@ struct GenerationInput {
   std::vector<std::string> stop;
   // Text the answer is made to begin with: appended to the prompt's tokens and fed to the
   // parser first, as if generated (e.g. the opening of a DSML tool call to force one). Not
-  // counted in completion_tokens.
+  // counted in completion_tokens (it is in prompt_tokens: the worker receives it as prompt).
+  // Tokenized with added-token matching on (DSML markup and `</think>` become their ids, as the
+  // model would have generated them): it must not carry client text unchecked. The deltas the
+  // parser makes of it go to the sink right after Begin, like generated ones.
   std::string assistant_prefix;
   // Per-token log-probabilities (GenerationSink::Tokens); top_logprobs alternatives each.
   bool logprobs = false;
@@ -74,10 +89,12 @@ struct GenerationOutcome {
   const chat::ParsedMessage* message = nullptr;
 };
 
-// Shapes the answer of one API. Called on the generation's thread, in this order: Begin (once,
-// at the first token) and Delta..., then exactly one of Fail or Finish (Begin may not have
-// happened, e.g. an error before any token or an empty answer). Nothing is called after the
-// client hung up.
+// Shapes the answer of one API. Called on gRPC callback threads (Fail also on Start's caller
+// for errors found before any call), one call at a time per generation, in this order: Begin
+// (once, at the first token) and Delta..., then exactly one of Fail or Finish (Begin may not
+// have happened, e.g. an error before any token or an empty answer). Nothing is called after
+// the client hung up. Must not block: ResponseWriter::Write only queues, and the generation
+// stops reading from the worker while the writer's queue is over its limit.
 class GenerationSink {
  public:
   virtual ~GenerationSink() = default;
@@ -89,7 +106,9 @@ class GenerationSink {
   virtual bool Tokens(const std::vector<GeneratedToken>& tokens) { return true; }
   // Called about every GenerationOptions.idle_interval while no token arrives (before the first
   // token too, after Begin-less waits): e.g. Anthropic's `ping` event. False: the client is gone.
-  virtual bool Idle() { return true; }
+  // `prompt_tokens` is the prompt length, so a sink may open its stream before the first token
+  // (Anthropic: message_start, then ping).
+  virtual bool Idle(uint32_t prompt_tokens) { return true; }
   virtual void Fail(const ApiError& error) = 0;
   virtual void Finish(const GenerationOutcome& outcome) = 0;
 };
@@ -102,31 +121,62 @@ std::string NewId(std::string_view prefix);
 HttpResponse ErrorResponse(const ApiError& e, bool anthropic = false);
 ApiError Unavailable(const std::string& message);
 
+class Generation;  // one running generation (generation.cc)
+
 class Generator {
  public:
   // `tokenizer` must outlive this.
   Generator(ModelInfo model, const tokenizer::Tokenizer* tokenizer, GenerationOptions options);
 
-  // The shared core: runs `input` as sequence `id`, reporting to `sink` (blocking). `writer` is
-  // watched for a client that hangs up. Thread-safe.
-  void Generate(const GenerationInput& input, const std::string& id, ResponseWriter& writer,
-                GenerationSink& sink);
-  // The prompt's token ids, as Generate would send them; or the error to answer.
+  // Waits for the generations still running (Drain first to bound the wait).
+  ~Generator();
+
+  // The shared core: runs `input` as sequence `id`, reporting to `sink`. Returns at once (it
+  // tokenizes on the caller's thread; the router pick and the Generate stream are gRPC callback
+  // calls). The generation owns input (input.lease is dropped when it ends), writer and sink
+  // until it has called Fail or Finish or the client is gone; a client that hangs up cancels the
+  // Generate call at once. Thread-safe.
+  void Start(GenerationInput input, std::string id, std::shared_ptr<ResponseWriter> writer,
+             std::unique_ptr<GenerationSink> sink);
+  // The prompt's token ids (assistant_prefix included), as Start would send them; or the error
+  // to answer.
   std::optional<ApiError> PromptIds(const GenerationInput& input, std::vector<int32_t>* ids) const;
 
+  // Graceful shutdown: from now on Start answers 503 (Retry-After); running generations get
+  // until `timeout` to finish, then the rest are cancelled with an error (an error chunk/event
+  // once streaming, never a silent cut). Returns when none is left running. Thread-safe.
+  void Drain(absl::Duration timeout);
+  bool draining() const;
+  // Generations started and not yet ended.
+  size_t running() const;
+  // Returns once no generation is running (each ends by itself, by its client leaving, or by
+  // its deadline).
+  void WaitIdle() const;
+
   const ModelInfo& model() const { return model_; }
+  // Null when the gateway runs without a tokenizer.
+  const tokenizer::Tokenizer* tokenizer() const { return tokenizer_; }
 
  private:
+  friend class Generation;
   std::shared_ptr<grpc::Channel> Channel(const std::string& address);
-  // The attention worker for a request, or the error to answer (503 with Retry-After).
-  std::optional<ApiError> PickWorker(const std::string& tenant, std::string* address);
+  bool Register(Generation* g);  // false while draining
+  void Unregister(Generation* g);
+  void Tick();  // the idle ticker thread
 
   const ModelInfo model_;
   const tokenizer::Tokenizer* const tokenizer_;
   const GenerationOptions options_;
   std::optional<int32_t> eos_id_;
-  std::mutex mu_;
+  std::optional<int32_t> think_end_id_;
+  mutable std::mutex mu_;
+  mutable std::condition_variable idle_;  // signalled when `live_` empties
+  std::condition_variable tick_;  // wakes the ticker to stop
   std::map<std::string, std::shared_ptr<grpc::Channel>> channels_;
+  std::set<Generation*> live_;
+  bool stopping_ = false;   // ends the ticker
+  std::thread ticker_;      // GenerationSink::Idle for every live generation
+  bool draining_ = false;
 };
 
 }  // namespace expertmesh::gateway

@@ -1,7 +1,8 @@
-// The gateway's HTTP API routes: GET /health, GET /v1/models, and the generation routes
-// (POST /v1/chat/completions, /v1/messages, /v1/messages/count_tokens; /v1/completions and,
-// without a generation core, the others answer 501 with an OpenAI- or Anthropic-shaped error). No
-// Beast, no gRPC: it maps an HttpRequest to an HttpResponse and counts requests.
+// The gateway's HTTP API routes: GET /health, GET /v1/models, GET /v1/models/{id}, and the
+// generation routes (POST /v1/chat/completions, /v1/completions, /v1/messages,
+// /v1/messages/count_tokens; without a generation core they answer 501 with an OpenAI- or
+// Anthropic-shaped error). No Beast, no gRPC: it maps an HttpRequest to an HttpResponse and
+// counts requests.
 #pragma once
 
 #include <condition_variable>
@@ -11,6 +12,7 @@
 #include <optional>
 #include <string>
 
+#include "gateway/api_keys.h"
 #include "gateway/generation.h"
 #include "gateway/http_server.h"
 #include "gateway/model_info.h"
@@ -40,26 +42,25 @@ class HttpApi {
   // Waits for the generations still running (stop the HTTP server first: that cancels them).
   ~HttpApi();
 
+  // API keys (null or open: no key needed). Call before serving.
+  void SetApiKeys(std::shared_ptr<ApiKeys> keys) { keys_ = std::move(keys); }
+
   // Thread-safe.
   HttpResponse Handle(const HttpRequest& request);
 
  private:
   HttpResponse Route(const HttpRequest& request, std::string* route_label);
   ServedModel Served() const;  // the model names requests may use
-  HttpResponse ChatCompletion(const HttpRequest& request);
-  HttpResponse Messages(const HttpRequest& request);
+  HttpResponse ChatCompletion(const HttpRequest& request, Admission admission);
+  HttpResponse Completion(const HttpRequest& request, Admission admission);
+  HttpResponse Messages(const HttpRequest& request, Admission admission);
   HttpResponse CountTokens(const HttpRequest& request);
-  // Runs `work` on a thread of its own, counted in running_.
-  void Spawn(std::function<void()> work);
 
   const std::optional<ModelInfo> model_;
   const std::function<RouterHealth()> router_health_;
   prometheus::Family<prometheus::Counter>& requests_;
   const std::shared_ptr<Generator> chat_;
-  // Generations run on threads of their own; the destructor waits for them.
-  std::mutex mu_;
-  std::condition_variable idle_;
-  int running_ = 0;
+  std::shared_ptr<ApiKeys> keys_;
 };
 
 }  // namespace expertmesh::gateway

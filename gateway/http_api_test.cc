@@ -73,7 +73,7 @@ TEST_F(HttpApiTest, GenerationRoutesAnswer501WithApiShapedErrors) {
     json body = json::parse(r->body, nullptr, false);
     ASSERT_TRUE(body.contains("error")) << r->body;
     EXPECT_EQ(body["error"]["type"], "not_implemented");
-    EXPECT_NE(body["error"]["message"].get<std::string>().find("not wired"), std::string::npos);
+    EXPECT_NE(body["error"]["message"].get<std::string>().find("without --model or without a tokenizer"), std::string::npos);
   }
   auto r = testing::HttpRequest(server_->port(), "POST", "/v1/messages", "{}");
   ASSERT_TRUE(r.ok());

@@ -33,8 +33,7 @@ namespace {
 constexpr uint64_t kBodyLimit = 8 << 20;
 // A connection idle this long is closed; also the limit on one write to a stalled client.
 constexpr auto kIdleTimeout = std::chrono::seconds(60);
-// A stream's producer blocks while this much is queued and not yet written (backpressure).
-constexpr size_t kMaxQueuedBytes = 256 << 10;
+constexpr size_t kMaxQueuedBytes = ResponseWriter::kMaxQueuedBytes;
 
 using Strand = asio::strand<asio::io_context::executor_type>;
 using Executor = asio::any_io_executor;
@@ -54,6 +53,12 @@ struct Pending : std::enable_shared_from_this<Pending> {
     timer = nullptr;
     strand.reset();
   }
+  // With mu held: the producer's OnDrained callback, if it is due (the queue is below the limit
+  // or nobody reads any more). The caller runs it after unlocking.
+  std::function<void()> TakeDrained() {
+    if (!on_drained || (queued_bytes >= kMaxQueuedBytes && !gone && !detached)) return nullptr;
+    return std::exchange(on_drained, nullptr);
+  }
 
   // With mu held.
   void Wake() {
@@ -68,20 +73,21 @@ struct Pending : std::enable_shared_from_this<Pending> {
   // The client hung up (or the server stops): runs the callback once.
   void Gone() {
     std::function<void()> callback;
+    std::function<void()> drained;
     {
       std::lock_guard<std::mutex> lock(mu);
       if (gone) return;
       gone = true;
       callback = std::move(on_gone);
+      drained = TakeDrained();
       Wake();
     }
-    cv.notify_all();
     if (callback) callback();
+    if (drained) drained();
   }
 
   std::optional<Executor> strand;  // the connection's, until Detach
   std::mutex mu;
-  std::condition_variable cv;           // Write waits here for the queue to drain
   asio::steady_timer* timer = nullptr;  // the session's; valid while !detached
   Kind kind = Kind::kNone;
   HttpResponse whole;
@@ -95,6 +101,7 @@ struct Pending : std::enable_shared_from_this<Pending> {
   bool detached = false;  // the session no longer waits: nothing may touch the strand
   bool wake_posted = false;
   std::function<void()> on_gone;
+  std::function<void()> on_drained;  // OnDrained's, while the queue is over the limit
 };
 
 class Writer final : public ResponseWriter {
@@ -127,8 +134,7 @@ class Writer final : public ResponseWriter {
     return true;
   }
   bool Write(std::string data) override {
-    std::unique_lock<std::mutex> lock(p_->mu);
-    p_->cv.wait(lock, [this] { return p_->gone || p_->queued_bytes < kMaxQueuedBytes; });
+    std::lock_guard<std::mutex> lock(p_->mu);
     if (p_->gone || p_->kind != Pending::Kind::kStream || p_->ended) return false;
     if (data.empty()) return true;  // an empty chunk would end the chunked body
     p_->queued_bytes += data.size();
@@ -141,6 +147,16 @@ class Writer final : public ResponseWriter {
     if (p_->ended) return;
     p_->ended = true;
     p_->Wake();
+  }
+  size_t queued_bytes() const override {
+    std::lock_guard<std::mutex> lock(p_->mu);
+    return p_->queued_bytes;
+  }
+  bool OnDrained(std::function<void()> callback) override {
+    std::lock_guard<std::mutex> lock(p_->mu);
+    if (p_->gone || p_->detached || p_->queued_bytes < kMaxQueuedBytes) return false;
+    p_->on_drained = std::move(callback);
+    return true;
   }
   bool client_gone() const override {
     std::lock_guard<std::mutex> lock(p_->mu);
@@ -269,8 +285,9 @@ asio::awaitable<bool> ServeDeferred(beast::tcp_stream& stream, HttpServer::Impl*
         for (std::string& c : p->chunks) data += c;
         p->chunks.clear();
         p->queued_bytes = 0;
+        std::function<void()> drained = p->TakeDrained();
         lock.unlock();
-        p->cv.notify_all();
+        if (drained) drained();
         stream.expires_after(kIdleTimeout);
         co_await asio::async_write(stream, http::make_chunk(asio::buffer(data)),
                                    asio::redirect_error(asio::use_awaitable, ec));
@@ -299,7 +316,6 @@ asio::awaitable<bool> ServeDeferred(beast::tcp_stream& stream, HttpServer::Impl*
   beast::error_code cancel_ec;
   stream.socket().cancel(cancel_ec);
   if (ec) p->Gone();  // a failed write: the client is gone
-  p->cv.notify_all();
   {
     std::lock_guard<std::mutex> lock(impl->pending_mu);
     impl->pending.erase(p);
@@ -336,7 +352,10 @@ asio::awaitable<void> Session(tcp::socket socket, HttpServer::Impl* impl) {
       version = req.version();
       keep_alive = req.keep_alive();
       HttpRequest in{std::string(req.method_string()), std::string(req.target()),
-                     std::move(req.body())};
+                     std::move(req.body()), {}};
+      for (const auto& field : req) {
+        in.headers.emplace_back(std::string(field.name_string()), std::string(field.value()));
+      }
       out = (*handler)(in);
     }
     if (out.deferred) {
@@ -401,6 +420,13 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
 HttpServer::~HttpServer() { Stop(); }
 
 int HttpServer::port() const { return impl_->port; }
+
+void HttpServer::StopAccepting() {
+  asio::post(impl_->ioc, [impl = impl_.get()] {
+    beast::error_code ec;
+    impl->acceptor.close(ec);
+  });
+}
 
 void HttpServer::Stop() {
   if (impl_->stopped) return;

@@ -22,6 +22,8 @@ struct HttpRequest {
   std::string method;  // "GET", "POST", ...
   std::string target;  // path and query, as sent
   std::string body;
+  // Header fields as received (names as sent; compare names case-insensitively).
+  std::vector<std::pair<std::string, std::string>> headers;
 };
 
 class ResponseWriter;
@@ -40,15 +42,25 @@ struct HttpResponse {
 // be called; a writer dropped without either answers 500 (or ends the stream).
 class ResponseWriter {
  public:
+  // Above this many queued bytes OnDrained holds the producer back (a slow reader).
+  static constexpr size_t kMaxQueuedBytes = 256 << 10;
+
   virtual ~ResponseWriter() = default;
   // The whole response. False if the client is gone (or an answer was already given).
   virtual bool Respond(HttpResponse response) = 0;
   // Sends the status line and headers of a chunked response.
   virtual bool BeginStream(int status, const std::string& content_type) = 0;
-  // Queues one chunk; it is written as soon as the connection can take it. Blocks while more
-  // than a bounded amount is queued (backpressure from a slow client). False if the client is
-  // gone.
+  // Queues one chunk; it is written as soon as the connection can take it. Never blocks (it is
+  // called on gRPC callback threads): a producer keeps the queue bounded itself by asking
+  // OnDrained before producing more. False if the client is gone.
   virtual bool Write(std::string data) = 0;
+  // Bytes queued and not yet handed to the socket.
+  virtual size_t queued_bytes() const = 0;
+  // Backpressure without blocking: if more than kMaxQueuedBytes is queued, keeps `callback` to
+  // run once (on a server thread, when the queue has been handed to the socket, or when the
+  // client is gone) and returns true: produce nothing more until it runs. Otherwise returns
+  // false and never calls it. One callback at a time.
+  virtual bool OnDrained(std::function<void()> callback) = 0;
   // Ends the stream (the terminating chunk); the connection may then serve its next request.
   virtual void End() = 0;
   // True once the client disconnected (or the server stopped).
@@ -73,6 +85,9 @@ class HttpServer {
   HttpServer& operator=(const HttpServer&) = delete;
 
   int port() const;
+  // Closes the listener (new connections are refused) but keeps serving the open ones: the
+  // first step of a graceful drain. Idempotent; thread-safe.
+  void StopAccepting();
   // Closes the listener and all connections and joins the threads. Idempotent.
   void Stop();
 

@@ -2,11 +2,14 @@
 #include <cstdio>
 
 #include "core/base/flags.h"
+#include "core/base/log.h"
 #include "core/rpc/channel.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
 #include "core/tokenizer/tokenizer.h"
+#include "gateway/api_keys.h"
 #include "gateway/generation.h"
+#include "gateway/gateway_metrics.h"
 #include "gateway/gateway_service.h"
 #include "gateway/http_api.h"
 #include "gateway/http_server.h"
@@ -25,6 +28,10 @@ int main(int argc, char** argv) {
   std::string attention_worker;
   std::vector<std::string> model_aliases;
   int64_t generate_timeout_ms = 30 * 60 * 1000;
+  int64_t drain_timeout_ms = 30000;
+  std::vector<std::string> api_keys;
+  std::string api_keys_file;
+  int64_t max_concurrent_per_key = 64;
   base::FlagSet flags("expertmesh-gateway",
                       "The cluster's HTTP API (OpenAI / Anthropic shaped) and public gRPC API.");
   common.Register(flags, /*with_router=*/true);
@@ -46,7 +53,21 @@ int main(int argc, char** argv) {
                       "NAME * = any name), for clients configured with model names of their own");
   flags.AddInt("generate-timeout-ms", &generate_timeout_ms,
                "deadline of one Generate call to an attention worker");
+  flags.AddInt("drain-timeout-ms", &drain_timeout_ms,
+               "on SIGTERM: stop accepting, give running generations this long to finish, then "
+               "cancel the rest with an error and exit");
+  flags.AddStringList("api-key", &api_keys,
+                      "KEY[:TENANT]: accept this API key (Authorization: Bearer KEY or x-api-key); "
+                      "the tenant defaults to a fingerprint of the key. No key and no "
+                      "--api-keys-file = open");
+  flags.AddString("api-keys-file", &api_keys_file,
+                  "file of `KEY [TENANT]` lines (# comments), re-read on SIGHUP");
+  flags.AddInt("max-concurrent-per-key", &max_concurrent_per_key,
+               "generation requests one key may run at once; more get 429 (0 = unlimited)");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv); rc >= 0) return rc;
+  auto keys = gateway::ApiKeys::Create(api_keys, api_keys_file, max_concurrent_per_key);
+  if (!keys.ok()) return rpc::ReportSetupError("expertmesh-gateway", keys.status());
+  std::shared_ptr<gateway::ApiKeys> key_set = std::move(*keys);
   if (http_port < 0 || http_port > 65535) {
     std::fprintf(stderr, "--http-port must be 0..65535\n");
     return 2;
@@ -68,6 +89,9 @@ int main(int argc, char** argv) {
   }
   // Generation needs the model and a tokenizer; without them the routes answer 501.
   std::unique_ptr<tokenizer::Tokenizer> tok;
+  // Before the generator, which reports to it: always registered, so /metrics lists every
+  // gateway family even without a tokenizer.
+  gateway::GatewayMetrics gateway_metrics(p->registry());
   std::shared_ptr<gateway::Generator> chat;
   if (model) {
     auto loaded = tokenizer::LoadTokenizer(tokenizer_path);
@@ -86,6 +110,7 @@ int main(int argc, char** argv) {
     gen.router = common.router;
     gen.attention_worker = attention_worker;
     gen.generate_timeout = absl::Milliseconds(generate_timeout_ms);
+    gen.metrics = &gateway_metrics;
     chat = std::make_shared<gateway::Generator>(*model, tok.get(), gen);
   }
   gateway::GatewayService service(model);
@@ -115,6 +140,15 @@ int main(int argc, char** argv) {
         return h;
       },
       p->registry(), chat);
+  api.SetApiKeys(key_set);
+  p->OnHangup([key_set] {
+    // A bad file keeps the keys in use: a typo must not lock every client out (or let all in).
+    if (absl::Status s = key_set->Reload(); !s.ok()) {
+      base::LogError("api keys not reloaded; keeping the previous ones", {{"error", s.ToString()}});
+    } else {
+      base::LogInfo("api keys reloaded", {{"keys", static_cast<int64_t>(key_set->size())}});
+    }
+  });
   std::unique_ptr<gateway::HttpServer> http;
   if (status.ok()) {
     auto started = gateway::HttpServer::Start(
@@ -129,5 +163,12 @@ int main(int argc, char** argv) {
     }
   }
   if (!status.ok()) return rpc::ServiceProcess::ReportStartError(status);
-  return p->WaitForTerminationAndShutdown([&http] { http->Stop(); });
+  return p->WaitForTerminationAndShutdown([&http, &chat, drain_timeout_ms] {
+    // Drain: no new connections; requests on open ones get 503 from the generator; running
+    // generations finish (or are cancelled with an error at the deadline) before the server
+    // stops, so no stream is cut silently.
+    http->StopAccepting();
+    if (chat != nullptr) chat->Drain(absl::Milliseconds(drain_timeout_ms));
+    http->Stop();
+  });
 }

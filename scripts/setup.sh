@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs every build, test and run dependency of expertmesh on Debian 12 and fetches the
-# DeepSeek tokenizer. Idempotent and quiet when everything is already there.
+# DeepSeek tokenizer and the pinned npm clients of tests/sdk. Idempotent and quiet when everything
+# is already there.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,4 +59,14 @@ if ! sha_ok "$TOKENIZER_DST"; then
   fi
   mkdir -p "$(dirname "$TOKENIZER_DST")"
   cp "$TOKENIZER_SRC" "$TOKENIZER_DST.tmp" && mv "$TOKENIZER_DST.tmp" "$TOKENIZER_DST"
+fi
+
+# The official OpenAI and Anthropic clients for tests/sdk (ctest sdk_clients_test), exactly as
+# tests/sdk/package-lock.json pins them. `npm ci` runs only when node_modules does not match the
+# lock, so a machine already set up needs no network.
+SDK_DIR="$ROOT/tests/sdk"
+if ! node "$SDK_DIR/check_installed.mjs" "$SDK_DIR" >/dev/null 2>&1; then
+  log "installing the SDK test clients (npm ci in tests/sdk)"
+  (cd "$SDK_DIR" && npm ci --no-audit --no-fund --silent >/dev/null)
+  node "$SDK_DIR/check_installed.mjs" "$SDK_DIR"
 fi

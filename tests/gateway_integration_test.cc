@@ -13,6 +13,7 @@
 
 #include "cli/local_cluster.h"
 #include "core/chat/encoder.h"
+#include "core/model/model.h"
 #include "core/rpc/channel.h"
 #include "core/tokenizer/tokenizer.h"
 #include "expertmesh/v1/attention_worker.grpc.pb.h"
@@ -20,31 +21,19 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/child_process.h"
+#include "tests/testing/cluster_requests.h"
+#include "tests/testing/tiny_cluster.h"
 
 namespace expertmesh {
 namespace {
 
 using nlohmann::json;
 
-const std::string kCli = std::string(EM_BINARY_DIR) + "/cli/expertmesh";
-
 class GatewayIntegrationTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     dir_ = new std::string(testing::MakeTempDir("em-gateway"));
-    const std::string model = *dir_ + "/tiny";
-    const std::string cmd = kCli + " make-model --preset tiny --seed 0 --out '" + model + "' > '" +
-                            *dir_ + "/make-model.log' 2>&1";
-    ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
-    cli::LocalClusterOptions o;
-    o.model_dir = model;
-    o.attention_workers = 1;
-    o.expert_workers = 1;
-    o.with_gateway = true;
-    o.http_port = 0;
-    o.base_port = 0;
-    o.quiet = true;
-    auto c = cli::LocalCluster::Start(o);
+    auto c = testing::StartTinyGatewayCluster(*dir_);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = c->release();
     auto tok = tokenizer::LoadDefaultTokenizer();
@@ -466,7 +455,7 @@ TEST_F(GatewayIntegrationTest, StopSequencesEndWithStopReasonStopSequence) {
 
 TEST_F(GatewayIntegrationTest, MessagesThinkingGoesIntoAThinkingBlock) {
   json req = MessagesRequestBody(12, false);
-  req["thinking"] = {{"type", "enabled"}, {"budget_tokens", 1024}};
+  req["thinking"] = {{"type", "adaptive"}};  // "enabled" needs budget_tokens (>= 1024) < max_tokens
   testing::HttpResponse whole = Post(req, "/v1/messages");
   ASSERT_EQ(whole.status, 200) << whole.body;
   json m = json::parse(whole.body);
@@ -500,6 +489,81 @@ TEST_F(GatewayIntegrationTest, MessagesBadRequestsAnswerInAnthropicShape) {
   r = Post(req, "/v1/messages");
   EXPECT_EQ(r.status, 404);
   EXPECT_EQ(json::parse(r.body)["error"]["type"], "not_found_error");
+}
+
+// /v1/completions (prompt as ids, greedy): the text is the single-process engine's tokens for
+// the same ids, up to the end of sentence; with logprobs, each greedy token is the best of its
+// alternatives.
+TEST_F(GatewayIntegrationTest, GreedyCompletionOfIdsEqualsTheEngine) {
+  std::vector<int32_t> prompt = {*tokenizer_->TokenToId(chat::kBos)};
+  tokenizer_->EncodeAppend("Once upon a time", false, &prompt);
+  testing::HttpResponse r = Post({{"model", "tiny"},
+                                  {"prompt", prompt},
+                                  {"temperature", 0},
+                                  {"max_tokens", 10},
+                                  {"logprobs", 2}},
+                                 "/v1/completions");
+  ASSERT_EQ(r.status, 200) << r.body;
+  json j = json::parse(r.body);
+  EXPECT_EQ(j["object"], "text_completion");
+  EXPECT_EQ(j["usage"]["prompt_tokens"], prompt.size());
+
+  auto model = model::Model::Load(*dir_ + "/tiny");
+  ASSERT_TRUE(model.ok()) << model.status();
+  testing::GenRequest g;
+  g.prompt = prompt;
+  g.max_new = 10;
+  auto want = testing::EngineTokens(**model, g);
+  ASSERT_TRUE(want.ok()) << want.status();
+  const int32_t eos = *tokenizer_->TokenToId(chat::kEos);
+  std::vector<int32_t> until_eos;
+  for (int32_t t : *want) {
+    if (t == eos) break;
+    until_eos.push_back(t);
+  }
+  EXPECT_EQ(j["choices"][0]["text"], tokenizer_->Decode(until_eos)) << r.body;
+  const bool hit_eos = until_eos.size() < want->size();
+  EXPECT_EQ(j["choices"][0]["finish_reason"], hit_eos ? "stop" : "length");
+  // The end-of-sentence id may be counted, as in the chat route's usage.
+  const size_t counted = j["usage"]["completion_tokens"].get<size_t>();
+  EXPECT_TRUE(counted == until_eos.size() || (hit_eos && counted == until_eos.size() + 1))
+      << counted;
+
+  const json& lp = j["choices"][0]["logprobs"];
+  ASSERT_GE(lp["token_logprobs"].size(), until_eos.size()) << lp.dump();
+  for (size_t i = 0; i < until_eos.size(); ++i) {
+    ASSERT_EQ(lp["top_logprobs"][i].size(), 2u) << lp.dump();
+    for (const auto& [token, logprob] : lp["top_logprobs"][i].items()) {
+      EXPECT_GE(lp["token_logprobs"][i].get<double>(), logprob.get<double>() - 1e-6) << token;
+    }
+  }
+}
+
+// Chat logprobs: the streamed entries (each in the chunk of its tokens) are the non-streamed ones.
+TEST_F(GatewayIntegrationTest, ChatLogprobsStreamedEqualWhole) {
+  json req = Request(8, false);
+  req["logprobs"] = true;
+  req["top_logprobs"] = 3;
+  testing::HttpResponse whole = Post(req);
+  ASSERT_EQ(whole.status, 200) << whole.body;
+  const json content = json::parse(whole.body)["choices"][0]["logprobs"]["content"];
+  ASSERT_FALSE(content.empty()) << whole.body;
+  for (const json& t : content) {
+    EXPECT_LE(t["logprob"].get<double>(), 0.0);
+    EXPECT_EQ(t["top_logprobs"].size(), 3u);
+    EXPECT_TRUE(t["bytes"].is_array());
+  }
+  req["stream"] = true;
+  testing::HttpResponse streamed = Post(req);
+  ASSERT_EQ(streamed.status, 200) << streamed.body;
+  json got = json::array();
+  for (const std::string& e : Events(streamed.body)) {
+    if (e == "[DONE]") continue;
+    json c = json::parse(e);
+    if (c["choices"].empty() || c["choices"][0]["logprobs"].is_null()) continue;
+    for (const json& t : c["choices"][0]["logprobs"]["content"]) got.push_back(t);
+  }
+  EXPECT_EQ(got, content);
 }
 
 }  // namespace

@@ -17,6 +17,10 @@ inline constexpr absl::Duration kControlRpcTimeout = absl::Seconds(2);
 
 // An insecure channel (cluster traffic stays on a private network or loopback) to "host:port".
 // Reconnect backoff is capped low so that a restarted peer is found again quickly.
+// The largest message any of our services sends or accepts: a V4-Flash kv-store block is ~4-5 MB
+// and an expert dispatch of a long prefill larger still, both above gRPC's 4 MiB default.
+inline constexpr int kMaxMessageBytes = 256 << 20;
+
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address);
 
 // Sets `context`'s deadline to now + `timeout`.

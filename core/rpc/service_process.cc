@@ -1,5 +1,6 @@
 #include "core/rpc/service_process.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -7,6 +8,7 @@
 #include "core/base/log.h"
 #include "core/base/mapped_file.h"
 #include "core/base/status_macros.h"
+#include "core/rpc/channel.h"
 #include "core/rpc/termination.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -81,6 +83,8 @@ absl::Status ServiceProcess::StartGrpc() {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   builder.AddListeningPort(flags_.listen, grpc::InsecureServerCredentials(), &grpc_port_);
+  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  builder.SetMaxSendMessageSize(kMaxMessageBytes);
   for (grpc::Service* s : services_) builder.RegisterService(s);
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || grpc_port_ == 0) {
@@ -151,7 +155,14 @@ int ServiceProcess::ReportStartError(const absl::Status& status) {
 int ServiceProcess::WaitForTerminationAndShutdown(const std::function<void()>& before_shutdown) {
   int sig = 0;
   // Polled so that RequestExit (from another thread) is seen; signals still end the wait at once.
-  while (sig == 0 && !exit_requested_.load()) sig = WaitForTerminationSignalFor(100);
+  while (sig == 0 && !exit_requested_.load()) {
+    sig = WaitForTerminationSignalFor(100);
+    if (sig == SIGHUP && on_hangup_) {
+      base::LogInfo("SIGHUP: reloading", {});
+      on_hangup_();
+      sig = 0;
+    }
+  }
   base::LogInfo("shutting down", {{"signal", sig}});
   if (before_shutdown) before_shutdown();
   Shutdown();

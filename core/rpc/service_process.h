@@ -100,6 +100,11 @@ class ServiceProcess {
   // Shutdown(). Returns 0, the exit code for main.
   int WaitForTerminationAndShutdown(const std::function<void()>& before_shutdown = nullptr);
 
+  // Makes SIGHUP run `reload` (on the thread in WaitForTerminationAndShutdown) instead of ending
+  // the process, e.g. the gateway re-reading its keys file. Without it SIGHUP terminates, as
+  // SIGTERM does. Call before WaitForTerminationAndShutdown.
+  void OnHangup(std::function<void()> reload) { on_hangup_ = std::move(reload); }
+
   // Makes WaitForTerminationAndShutdown go on as if a termination signal had come (a service
   // that decides to leave by itself, e.g. an expert worker at the end of a Drain). Thread-safe.
   void RequestExit() { exit_requested_.store(true); }
@@ -124,6 +129,7 @@ class ServiceProcess {
   std::unique_ptr<RouterRegistration> registration_;
   bool shut_down_ = false;
   std::atomic<bool> exit_requested_{false};
+  std::function<void()> on_hangup_;
 };
 
 }  // namespace expertmesh::rpc

@@ -6,6 +6,8 @@
 namespace expertmesh::rpc {
 
 // Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and threads it creates later).
+// SIGHUP ends a service like SIGTERM unless it asked for a reload instead
+// (ServiceProcess::OnHangup; the gateway re-reads --api-keys-file).
 void BlockTerminationSignals();
 // Waits until one of them arrives; returns its number. Requires BlockTerminationSignals.
 int WaitForTerminationSignal();

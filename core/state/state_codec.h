@@ -14,14 +14,16 @@
 
 namespace expertmesh::state {
 
-inline constexpr uint32_t kStateFormatVersion = 1;
+// 2: CRC32C trailer (1 had FNV-1a 64; nothing stored version 1 durably, so it is not read).
+inline constexpr uint32_t kStateFormatVersion = 2;
 
 // Encodes `s` (shaped for `config`). Thread-compatible (reads s).
 std::string SerializeState(const model::ModelConfig& config, const model::SequenceState& s);
 
-// Decodes bytes written by SerializeState for the same model shape. Errors (InvalidArgument,
-// saying what is wrong): bad magic, unsupported version, checksum mismatch, a model shape that
-// differs from `config` (naming the field), truncated or trailing bytes.
+// Decodes bytes written by SerializeState for the same model shape. Errors: DataLoss for a
+// CRC32C mismatch (corrupted bytes: recompute, never use); InvalidArgument, saying what is wrong,
+// for bad magic, an unsupported version, a model shape that differs from `config` (naming the
+// field), truncated or trailing bytes.
 absl::StatusOr<model::SequenceState> DeserializeState(const model::ModelConfig& config,
                                                       std::string_view bytes);
 

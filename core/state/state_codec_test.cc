@@ -126,6 +126,7 @@ TEST_F(StateCodecTest, RejectsCorruptAndMismatchedBytes) {
   std::string flipped = good;
   flipped[good.size() / 2] ^= 0x10;
   auto r = DeserializeState(c, flipped);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
   EXPECT_NE(r.status().message().find("checksum"), std::string::npos) << r.status();
 
   r = DeserializeState(c, good.substr(0, good.size() - 20));
@@ -166,8 +167,8 @@ TEST_F(StateCodecTest, KvIsStoredAsCodes) {
     }
   }
   const std::string bytes = SerializeState(c, st);
-  // Header: magic, version, shape, positions; trailer: checksum.
-  const int64_t header = 4 + 4 + 4 * (5 + c.NumBlocks()) + 16 + 8;
+  // Header: magic, version, shape, positions; trailer: CRC32C.
+  const int64_t header = 4 + 4 + 4 * (5 + c.NumBlocks()) + 16 + 4;
   EXPECT_EQ(static_cast<int64_t>(bytes.size()), expect + header);
 }
 
