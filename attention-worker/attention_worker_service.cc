@@ -1,5 +1,6 @@
 #include "attention-worker/attention_worker_service.h"
 
+#include <chrono>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -22,7 +23,9 @@ class GenerateStream final : public SequenceSink {
 
   void Send(v1::SequenceTokens message) override {
     std::unique_lock<std::mutex> lock(mu_);
-    if (reactor_ == nullptr) return;
+    // After a hand-over's End nothing more may be streamed: the gateway resumes after the last
+    // token it received, and the next worker produces the rest again.
+    if (reactor_ == nullptr || end_requested_) return;
     queue_.push_back(std::move(message));
     StartNextLocked(lock);
   }
@@ -137,7 +140,11 @@ grpc::ServerWriteReactor<v1::SequenceTokens>* AttentionWorkerService::Generate(
   // Marked before Submit: the call may be cancelled as soon as the scheduler has it.
   reactor->submitted_.store(true);
   absl::Status st = sched->Submit(*request, stream);
-  if (!st.ok()) {
+  if (st.ok()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::erase_if(streams_, [](const LiveStream& l) { return l.sink.expired(); });
+    streams_.push_back({request->sequence_id(), stream});
+  } else {
     reactor->submitted_.store(false);
     {
       std::lock_guard<std::mutex> lock(stream->mu_);
@@ -160,10 +167,52 @@ grpc::ServerUnaryReactor* AttentionWorkerService::Cancel(grpc::CallbackServerCon
   return rpc::FinishUnary(context, grpc::Status::OK);
 }
 
+AttentionWorkerService::~AttentionWorkerService() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (handover_.joinable()) handover_.join();
+}
+
+void AttentionWorkerService::HandOver() {
+  std::vector<LiveStream> live;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    live.swap(streams_);
+  }
+  Scheduler* sched = scheduler_.load();
+  int handed = 0;
+  for (const LiveStream& l : live) {
+    std::shared_ptr<SequenceSink> sink = l.sink.lock();
+    if (sink == nullptr) continue;
+    // The stream ends first, so that no token the scheduler samples meanwhile reaches the
+    // gateway after it has decided where to resume.
+    sink->End(absl::AbortedError(std::string(kResubmitPrefix) + " draining"));
+    if (sched != nullptr) sched->Cancel(l.sequence_id);
+    ++handed;
+  }
+  if (handed > 0) base::LogInfo("drain: handed " + std::to_string(handed) + " sequences over");
+}
+
 grpc::ServerUnaryReactor* AttentionWorkerService::Drain(grpc::CallbackServerContext* context,
-                                                        const v1::DrainRequest*,
+                                                        const v1::DrainRequest* request,
                                                         v1::DrainResponse* response) {
   if (!draining_.exchange(true)) base::LogInfo("draining: no new sequences are admitted");
+  if (request->grace_ms() > 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!handover_.joinable() && !stopping_) {
+      const auto grace = std::chrono::milliseconds(request->grace_ms());
+      handover_ = std::thread([this, grace] {
+        {
+          std::unique_lock<std::mutex> lock(mu_);
+          if (wake_.wait_for(lock, grace, [this] { return stopping_; })) return;
+        }
+        HandOver();
+      });
+    }
+  }
   Scheduler* sched = scheduler_.load();
   if (sched != nullptr) {
     sched->Drain();

@@ -10,12 +10,14 @@
 
 #include "attention-worker/attention_worker_service.h"
 #include "attention-worker/expert_dispatcher.h"
+#include "attention-worker/kv_client.h"
 #include "attention-worker/placement_client.h"
 #include "attention-worker/scheduler.h"
 #include "core/base/log.h"
 #include "core/kernels/matmul.h"
 #include "core/model/model.h"
 #include "core/model/weights.h"
+#include "core/state/block_codec.h"
 #include "prometheus/gauge.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
@@ -31,6 +33,8 @@ int main(int argc, char** argv) {
   int64_t max_batch_tokens = 256, max_running = 64, state_mb = 8192, micro_batches = 0;
   int64_t default_max_new = 256, expert_deadline_ms = 10000, expert_retries = 2;
   int64_t placement_wait_ms = 60000, threads = 0, inject_attention_delay_us = 0;
+  std::string kv_store, weights_id;
+  int64_t kv_lookup_deadline_ms = 200, kv_get_deadline_ms = 1000, kv_put_queue_mb = 256;
   rpc::FlagSet flags("expertmesh-attention-worker",
                      "Runs sequences: attention, gate, shared expert, sampling; routed experts "
                      "on the expert workers.");
@@ -57,6 +61,17 @@ int main(int argc, char** argv) {
   flags.AddInt("threads", &threads, "kernel threads (0 = EM_THREADS or all cores)");
   flags.AddInt("inject-attention-delay-us", &inject_attention_delay_us,
                "tests and benchmarks: extra attention time per token row and layer");
+  flags.AddString("kv-store", &kv_store,
+                  "kv-store host:port for prefix reuse (completed 128-token blocks are stored, "
+                  "admission loads the longest stored prefix); empty = off");
+  flags.AddString("weights-id", &weights_id,
+                  "names the weights in the kv-store's block keys (default: a digest of the "
+                  "model directory's config, safetensors headers and data samples)");
+  flags.AddInt("kv-lookup-deadline-ms", &kv_lookup_deadline_ms,
+               "deadline of the admission LookupPrefix (past it the prompt is computed)");
+  flags.AddInt("kv-get-deadline-ms", &kv_get_deadline_ms, "deadline of each GetBlock");
+  flags.AddInt("kv-put-queue-mb", &kv_put_queue_mb,
+               "blocks waiting for the kv-store beyond this many MiB are dropped (counted)");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv); rc >= 0) return rc;
   auto process = rpc::ServiceProcess::Create("attention-worker", common);
   absl::Status status = process.ok() ? rpc::CheckModelDir(model_dir) : process.status();
@@ -97,6 +112,23 @@ int main(int argc, char** argv) {
   so.micro_batches = static_cast<int>(micro_batches);
   so.default_max_new_tokens = default_max_new;
   so.inject_attention_delay_us = inject_attention_delay_us;
+  std::unique_ptr<attention_worker::KvClient> kv_client;
+  if (model != nullptr && !kv_store.empty()) {
+    if (weights_id.empty()) {
+      auto id = attention_worker::WeightsIdentity(model_dir);
+      if (!id.ok()) return rpc::ReportSetupError("expertmesh-attention-worker", id.status());
+      weights_id = *id;
+    }
+    attention_worker::KvClientOptions ko;
+    ko.lookup_deadline = absl::Milliseconds(kv_lookup_deadline_ms);
+    ko.get_deadline = absl::Milliseconds(kv_get_deadline_ms);
+    ko.max_queued_bytes = static_cast<size_t>(kv_put_queue_mb) << 20;
+    ko.registry = &p->registry();
+    kv_client = std::make_unique<attention_worker::KvClient>(kv_store, ko);
+    so.prefix_store = kv_client.get();
+    so.model_fingerprint = state::ModelFingerprint(model->config(), weights_id);
+    base::LogInfo("prefix reuse on: kv-store " + kv_store + ", weights id " + weights_id);
+  }
   // Overall health is liveness; the AttentionWorker service's health is readiness: SERVING
   // only once sequences can run.
   constexpr char kServiceName[] = "expertmesh.v1.AttentionWorker";
@@ -193,5 +225,8 @@ int main(int argc, char** argv) {
   stopping.store(true);
   if (setup.joinable()) setup.join();
   if (scheduler) scheduler->Stop();
+  // The scheduler's last DeleteSequence calls go into the client's queue.
+  scheduler.reset();
+  kv_client.reset();
   return rc;
 }

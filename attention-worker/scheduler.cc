@@ -9,10 +9,23 @@
 #include <thread>
 
 #include "core/base/log.h"
+#include "core/state/block_codec.h"
 
 namespace expertmesh::attention_worker {
 
 namespace v1 = expertmesh::v1;
+using state::kBlockTokens;
+
+// A queued sequence's prefix lookup, shared by the sequence and the lookup thread (a cancelled
+// sequence may leave while its lookup runs). `done` and what follows are guarded by mu_.
+struct Scheduler::PrefixLoad {
+  std::string tenant;
+  std::vector<int32_t> tokens;   // the prompt's usable full blocks
+  std::vector<uint64_t> hashes;  // their chain hashes
+  bool done = false;
+  model::SequenceState state;  // after `blocks` applied blocks
+  int64_t blocks = 0;
+};
 
 struct Scheduler::Seq {
   std::string id;
@@ -28,6 +41,9 @@ struct Scheduler::Seq {
   int64_t max_thinking = 0;
   int32_t end_thinking = -1;
   bool thinking_closed = false;
+  // Failover resume: the prompt's last `resumed` ids were generated on another worker
+  // (SequenceRequest.resumed_tokens); they count as generated for the thinking budget.
+  int64_t resumed = 0;
   model::SequenceState state;
   int64_t fed = 0;                  // tokens of prompt + generated already fed to the model
   std::vector<int32_t> generated;   // sampled tokens
@@ -38,6 +54,21 @@ struct Scheduler::Seq {
   // Read by Status() from other threads.
   std::atomic<v1::SequencePhase> phase{v1::SEQUENCE_PHASE_QUEUED};
   std::atomic<uint32_t> generated_count{0};
+  // Prefix reuse: the tenant scopes the chain; `load` is the admission lookup (null: none);
+  // `cached` prompt tokens came from the store. `chain` is the chain hash of the last block
+  // whose key is known (loaded or written), `writing` false once a block could not be encoded
+  // (later blocks would have no parent), `wrote` whether a put was issued (DeleteSequence then).
+  std::string tenant;
+  bool reuse = false;
+  std::shared_ptr<PrefixLoad> load;
+  int64_t cached = 0;
+  uint64_t chain = 0;
+  bool writing = true;
+  bool wrote = false;
+  int32_t token_at(int64_t i) const {
+    const int64_t p = static_cast<int64_t>(prompt.size());
+    return i < p ? prompt[i] : generated[i - p];
+  }
 };
 
 namespace {
@@ -117,6 +148,45 @@ Scheduler::Scheduler(model::Model* model, SchedulerOptions options,
                      .Name("expertmesh_attention_sequences_finished_total")
                      .Help("Sequences ended, by reason (stop, length, cancelled, error)")
                      .Register(*registry);
+    if (options_.prefix_store != nullptr) {
+      query_tokens_ = &prometheus::BuildCounter()
+                           .Name("expertmesh_attention_prefix_cache_query_tokens_total")
+                           .Help("Prompt tokens of sequences admitted with prefix reuse on")
+                           .Register(*registry)
+                           .Add({});
+      hit_tokens_ = &prometheus::BuildCounter()
+                         .Name("expertmesh_attention_prefix_cache_hit_tokens_total")
+                         .Help("Prompt tokens loaded from the kv-store instead of prefilled")
+                         .Register(*registry)
+                         .Add({});
+      fallback_tokens_ = &prometheus::BuildCounter()
+                              .Name("expertmesh_attention_prefix_cache_fallback_tokens_total")
+                              .Help("Prompt tokens the kv-store had but that were recomputed "
+                                    "(a block failed to arrive or to apply)")
+                              .Register(*registry)
+                              .Add({});
+      prefix_errors_ = &prometheus::BuildCounter()
+                            .Name("expertmesh_attention_prefix_cache_errors_total")
+                            .Help("Prefix reuse failures, by stage: lookup (LookupPrefix "
+                                  "failed), get (a GetBlock failed), apply (a block did not "
+                                  "apply), encode (a block could not be encoded)")
+                            .Register(*registry);
+      for (const char* stage : {"lookup", "get", "apply", "encode"}) {
+        prefix_errors_->Add({{"stage", stage}});
+      }
+      lookup_seconds_ = &prometheus::BuildHistogram()
+                             .Name("expertmesh_attention_prefix_lookup_seconds")
+                             .Help("Admission prefix load: lookup, fetch and apply")
+                             .Register(*registry)
+                             .Add({}, SecondsBuckets());
+    }
+  }
+  if (options_.prefix_store != nullptr) {
+    fingerprint_ = options_.model_fingerprint != 0 ? options_.model_fingerprint
+                                                   : state::ModelFingerprint(model_->config());
+    for (int i = 0; i < std::max(1, options_.prefix_lookup_threads); ++i) {
+      lookup_threads_.emplace_back([this] { LookupLoop(); });
+    }
   }
   thread_ = std::thread([this] { Loop(); });
 }
@@ -146,6 +216,9 @@ absl::Status Scheduler::Submit(const v1::SequenceRequest& request,
   }
   if (request.prompt_ids().empty()) {
     return absl::InvalidArgumentError("prompt_ids: must hold at least one token");
+  }
+  if (request.resumed_tokens() >= static_cast<uint32_t>(request.prompt_ids_size())) {
+    return absl::InvalidArgumentError("resumed_tokens: must be less than the prompt_ids size");
   }
   for (int i = 0; i < request.prompt_ids_size(); ++i) {
     if (request.prompt_ids(i) >= static_cast<uint32_t>(c.vocab_size)) {
@@ -192,6 +265,11 @@ absl::Status Scheduler::Submit(const v1::SequenceRequest& request,
   s->top_logprobs = static_cast<int>(sp.top_logprobs());
   s->max_thinking = sp.max_thinking_tokens();
   s->end_thinking = static_cast<int32_t>(sp.end_thinking_token_id());
+  s->resumed = request.resumed_tokens();
+  if (s->max_thinking > 0) {
+    s->thinking_closed = std::find(s->prompt.end() - s->resumed, s->prompt.end(),
+                                   s->end_thinking) != s->prompt.end();
+  }
   s->reserved_bytes = EstimateStateBytes(static_cast<int64_t>(s->prompt.size()) + s->max_new);
   if (s->reserved_bytes > options_.state_memory_bytes) {
     return absl::ResourceExhaustedError(
@@ -199,6 +277,20 @@ absl::Status Scheduler::Submit(const v1::SequenceRequest& request,
         std::to_string(s->max_new) + " new tokens need about " +
         std::to_string(s->reserved_bytes) + " bytes of state, more than this worker's budget (" +
         std::to_string(options_.state_memory_bytes) + ")");
+  }
+  s->tenant = request.tenant();
+  // The kv-store refuses longer tenants; such a sequence just runs without reuse.
+  s->reuse = options_.prefix_store != nullptr && s->tenant.size() <= 120;
+  std::shared_ptr<PrefixLoad> load;
+  // Only blocks that end before the prompt's last token: that token must be computed for the
+  // first logits.
+  const int64_t usable = (static_cast<int64_t>(s->prompt.size()) - 1) / kBlockTokens;
+  if (s->reuse && usable > 0) {
+    load = std::make_shared<PrefixLoad>();
+    load->tenant = s->tenant;
+    load->tokens.assign(s->prompt.begin(), s->prompt.begin() + usable * kBlockTokens);
+    load->hashes = state::BlockChainHashes(load->tenant, fingerprint_, load->tokens);
+    s->load = load;
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -210,6 +302,10 @@ absl::Status Scheduler::Submit(const v1::SequenceRequest& request,
     }
     by_id_[s->id] = s.get();
     queue_.push_back(std::move(s));
+    if (load != nullptr) {
+      lookups_.push_back(std::move(load));
+      lookup_cv_.notify_one();
+    }
     if (queued_gauge_) queued_gauge_->Set(static_cast<double>(queue_.size()));
   }
   cv_.notify_all();
@@ -236,7 +332,92 @@ void Scheduler::Stop() {
     stop_ = true;
   }
   cv_.notify_all();
+  lookup_cv_.notify_all();
+  for (std::thread& t : lookup_threads_) {
+    if (t.joinable()) t.join();
+  }
   if (thread_.joinable()) thread_.join();
+}
+
+void Scheduler::LookupLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    lookup_cv_.wait(lock, [&] { return stop_ || !lookups_.empty(); });
+    if (stop_) return;
+    std::shared_ptr<PrefixLoad> load = std::move(lookups_.front());
+    lookups_.pop_front();
+    lock.unlock();
+    LoadPrefix(*load);
+    lock.lock();
+    load->done = true;
+    cv_.notify_all();
+  }
+}
+
+// Runs on a lookup thread; fills load.state/blocks, which the step loop reads after `done`.
+void Scheduler::LoadPrefix(PrefixLoad& load) {
+  const auto t0 = std::chrono::steady_clock::now();
+  PrefixFetch f = options_.prefix_store->FetchPrefix(load.tenant, load.hashes);
+  auto count_error = [&](const char* stage, const absl::Status& st) {
+    if (prefix_errors_) prefix_errors_->Add({{"stage", stage}}).Increment();
+    base::LogWarning(std::string("prefix reuse: ") + stage + " failed, the tokens are "
+                     "computed instead: " + st.ToString());
+  };
+  if (!f.lookup_status.ok()) count_error("lookup", f.lookup_status);
+  if (!f.get_status.ok()) count_error("get", f.get_status);
+  int64_t applied = 0;
+  if (!f.blocks.empty()) {
+    model::SequenceState st = model_->NewState();
+    const model::ModelConfig& c = model_->config();
+    for (size_t k = 0; k < f.blocks.size(); ++k) {
+      std::span<const int32_t> expect(load.tokens.data() + k * kBlockTokens, kBlockTokens);
+      absl::Status a = state::ApplyBlock(c, fingerprint_, f.blocks[k], &st, expect);
+      if (!a.ok()) {
+        count_error("apply", a);
+        break;
+      }
+      ++applied;
+    }
+    if (applied > 0) load.state = std::move(st);
+  }
+  load.blocks = applied;
+  if (fallback_tokens_ && f.matched_blocks > applied) {
+    fallback_tokens_->Increment(static_cast<double>((f.matched_blocks - applied) * kBlockTokens));
+  }
+  if (lookup_seconds_) {
+    lookup_seconds_->Observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+}
+
+bool Scheduler::Admissible(const Seq& s) const {
+  return s.load == nullptr || s.load->done || s.cancelled.load();
+}
+
+void Scheduler::StoreBlock(Seq& s) {
+  const int64_t k = s.fed / kBlockTokens - 1;
+  std::vector<int32_t> tokens(kBlockTokens);
+  for (int i = 0; i < kBlockTokens; ++i) tokens[i] = s.token_at(k * kBlockTokens + i);
+  const uint64_t prev = k == 0 ? state::ChainSeed(s.tenant, fingerprint_) : s.chain;
+  const uint64_t hash = state::NextChainHash(prev, tokens);
+  auto block = state::EncodeBlock(model_->config(), fingerprint_, s.state,
+                                  static_cast<uint32_t>(k), tokens);
+  if (!block.ok()) {
+    s.writing = false;
+    if (prefix_errors_) prefix_errors_->Add({{"stage", "encode"}}).Increment();
+    base::LogWarning("prefix reuse: block " + std::to_string(k) + " of " + s.id +
+                     " not encoded; the sequence's later blocks are not stored: " +
+                     block.status().ToString());
+    return;
+  }
+  KvPut put;
+  put.key = {s.tenant, hash, static_cast<uint32_t>((k + 1) * kBlockTokens)};
+  if (k > 0) put.parent = KvBlockKey{s.tenant, prev, static_cast<uint32_t>(k * kBlockTokens)};
+  put.sequence_id = s.id;
+  put.data = std::move(*block);
+  s.chain = hash;
+  s.wrote = true;
+  options_.prefix_store->PutAsync(std::move(put));
 }
 
 size_t Scheduler::running() const {
@@ -267,6 +448,7 @@ void Scheduler::Finish(Seq& s, absl::Status status, v1::FinishReason reason,
                        v1::SequenceTokens* last) {
   if (s.finished) return;
   s.finished = true;
+  if (s.wrote) options_.prefix_store->DeleteSequenceAsync(s.tenant, s.id);
   s.phase = v1::SEQUENCE_PHASE_FINISHED;
   if (finished_ != nullptr) {
     const char* why = !status.ok()                           ? "error"
@@ -290,7 +472,13 @@ void Scheduler::Loop() {
   // Sinks are only called with mu_ released (a sink may call back into Cancel).
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
-    cv_.wait(lock, [&] { return stop_ || !queue_.empty() || !running_.empty(); });
+    // A queued sequence whose prefix lookup is still out does not wake the loop (its end
+    // does).
+    cv_.wait(lock, [&] {
+      return stop_ || !running_.empty() ||
+             std::any_of(queue_.begin(), queue_.end(),
+                         [&](const std::unique_ptr<Seq>& q) { return Admissible(*q); });
+    });
     if (stop_) break;
     // Finished and cancelled sequences leave at the step boundary, freeing their state.
     std::vector<std::unique_ptr<Seq>> leaving;
@@ -310,16 +498,35 @@ void Scheduler::Loop() {
     };
     take_ended(running_);
     take_ended(queue_);
-    // Admission: first come, first served, under the sequence cap and the memory budget.
-    while (!queue_.empty() &&
-           static_cast<int>(running_.size()) < options_.max_running_sequences &&
-           reserved_bytes_ + queue_.front()->reserved_bytes <= options_.state_memory_bytes) {
-      std::unique_ptr<Seq> s = std::move(queue_.front());
-      queue_.pop_front();
-      s->state = model_->NewState();
+    // Admission: first come, first served, under the sequence cap and the memory budget;
+    // a sequence whose prefix lookup is still out is passed over until it is back.
+    for (auto it = queue_.begin(); it != queue_.end() && static_cast<int>(running_.size()) <
+                                                             options_.max_running_sequences;) {
+      if (!Admissible(**it)) {
+        ++it;
+        continue;
+      }
+      if (reserved_bytes_ + (*it)->reserved_bytes > options_.state_memory_bytes) break;
+      std::unique_ptr<Seq> s = std::move(*it);
+      it = queue_.erase(it);
+      if (s->load != nullptr && s->load->blocks > 0) {
+        s->state = std::move(s->load->state);
+        s->fed = s->load->blocks * kBlockTokens;
+        s->cached = s->fed;
+        s->chain = s->load->hashes[s->load->blocks - 1];
+      } else {
+        s->state = model_->NewState();
+      }
+      s->load.reset();
+      if (s->reuse && query_tokens_) {
+        query_tokens_->Increment(static_cast<double>(s->prompt.size()));
+        hit_tokens_->Increment(static_cast<double>(s->cached));
+      }
       s->phase = v1::SEQUENCE_PHASE_PREFILL;
       reserved_bytes_ += s->reserved_bytes;
-      if (prompt_tokens_) prompt_tokens_->Increment(static_cast<double>(s->prompt.size()));
+      if (prompt_tokens_) {
+        prompt_tokens_->Increment(static_cast<double>(s->prompt.size() - s->resumed));
+      }
       running_.push_back(std::move(s));
     }
     if (running_gauge_) running_gauge_->Set(static_cast<double>(running_.size()));
@@ -386,7 +593,10 @@ void Scheduler::RunStep(std::vector<Seq*>& all) {
     const int64_t left = static_cast<int64_t>(s->prompt.size()) - s->fed;
     if (left <= 0) continue;
     if (budget <= 0 && !plan.empty()) break;
-    const int64_t take = std::max<int64_t>(1, std::min(left, budget));
+    int64_t take = std::max<int64_t>(1, std::min(left, budget));
+    // Every block boundary must be seen: a block can only be encoded while the state is
+    // exactly at its end.
+    if (s->reuse) take = std::min<int64_t>(take, kBlockTokens - s->fed % kBlockTokens);
     plan.push_back({s, std::vector<int32_t>(s->prompt.begin() + s->fed,
                                             s->prompt.begin() + s->fed + take)});
     budget -= take;
@@ -470,6 +680,7 @@ void Scheduler::RunStep(std::vector<Seq*>& all) {
       if (was_prefill && prefill_tokens_) {
         prefill_tokens_->Increment(static_cast<double>(pl.tokens.size()));
       }
+      if (s.reuse && s.writing && s.fed % kBlockTokens == 0) StoreBlock(s);
       if (s.fed < static_cast<int64_t>(s.prompt.size())) continue;  // prompt not done yet
       if (s.cancelled.load()) continue;  // freed at the next boundary
       s.phase = v1::SEQUENCE_PHASE_DECODE;
@@ -480,8 +691,9 @@ void Scheduler::RunStep(std::vector<Seq*>& all) {
       // position, not by a running stream, so every later token is sampled exactly as it
       // would be after that id had been drawn: the result stays deterministic and
       // independent of the batch.
-      const bool force_end = s.max_thinking > 0 && !s.thinking_closed &&
-                             static_cast<int64_t>(s.generated.size()) >= s.max_thinking;
+      const bool force_end =
+          s.max_thinking > 0 && !s.thinking_closed &&
+          s.resumed + static_cast<int64_t>(s.generated.size()) >= s.max_thinking;
       const int32_t token =
           force_end ? s.end_thinking : engine::SampleToken(logits, s.sampling, 0, position);
       if (token == s.end_thinking) s.thinking_closed = true;
@@ -495,7 +707,10 @@ void Scheduler::RunStep(std::vector<Seq*>& all) {
       if (!s.started) {
         s.started = true;
         msg.set_seed(s.sampling.seed);
-        msg.set_prompt_tokens(static_cast<uint32_t>(s.prompt.size()));
+        // Resumed tokens are not prompt (prompt_tokens above), so they are not cached prompt.
+        msg.set_cached_prompt_tokens(static_cast<uint32_t>(
+            std::min<int64_t>(s.cached, static_cast<int64_t>(s.prompt.size()) - s.resumed)));
+        msg.set_prompt_tokens(static_cast<uint32_t>(s.prompt.size() - s.resumed));
       }
       if (s.stop_ids.count(token) != 0) {
         Finish(s, absl::OkStatus(), v1::FINISH_REASON_STOP, &msg);

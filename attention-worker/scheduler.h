@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "attention-worker/kv_client.h"
 #include "core/engine/engine.h"
 #include "core/model/model.h"
 #include "expertmesh/v1/attention_worker.pb.h"
@@ -54,6 +55,14 @@ struct SchedulerOptions {
   // Called on the scheduler thread before and after each step's forward passes (the attention
   // worker switches placement versions there). May be empty.
   std::function<void()> on_step_begin, on_step_end;
+  // Prefix reuse (docs/kv_store.md): not owned, may be null (off). With a store, prefill chunks
+  // end at 128-token block boundaries, each completed block is handed to the store, and
+  // admission loads the longest stored prefix of the prompt instead of computing it.
+  PrefixStore* prefix_store = nullptr;
+  // state::ModelFingerprint of the served weights (0: computed from the config alone).
+  uint64_t model_fingerprint = 0;
+  // Threads that run admission lookups (each waits on the store, never the step loop).
+  int prefix_lookup_threads = 4;
 };
 
 // Receives a sequence's output: messages in order, then exactly one End. Called from the
@@ -97,7 +106,12 @@ class Scheduler {
 
  private:
   struct Seq;
+  struct PrefixLoad;
   void Loop();
+  void LookupLoop();
+  void LoadPrefix(PrefixLoad& load);
+  void StoreBlock(Seq& s);
+  bool Admissible(const Seq& s) const;
   void RunStep(std::vector<Seq*>& batch);
   void Finish(Seq& s, absl::Status status, expertmesh::v1::FinishReason reason,
               expertmesh::v1::SequenceTokens* last);
@@ -117,6 +131,10 @@ class Scheduler {
   std::atomic<bool> draining_{false};
   std::atomic<int64_t> steps_{0};
   std::thread thread_;
+  uint64_t fingerprint_ = 0;
+  std::deque<std::shared_ptr<PrefixLoad>> lookups_;
+  std::condition_variable lookup_cv_;
+  std::vector<std::thread> lookup_threads_;
   // Auto micro-batching (scheduler thread only): share of one-batch step time spent waiting on
   // remote experts (exponential average), and steps since the last one-batch probe.
   double wait_share_ = 0;
@@ -133,6 +151,11 @@ class Scheduler {
   prometheus::Histogram* batch_tokens_ = nullptr;
   prometheus::Histogram* step_seconds_ = nullptr;
   prometheus::Family<prometheus::Counter>* finished_ = nullptr;
+  prometheus::Counter* query_tokens_ = nullptr;
+  prometheus::Counter* hit_tokens_ = nullptr;
+  prometheus::Counter* fallback_tokens_ = nullptr;
+  prometheus::Family<prometheus::Counter>* prefix_errors_ = nullptr;
+  prometheus::Histogram* lookup_seconds_ = nullptr;
 };
 
 }  // namespace expertmesh::attention_worker

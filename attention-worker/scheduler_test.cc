@@ -5,8 +5,11 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <map>
 #include <mutex>
+#include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -294,6 +297,161 @@ TEST_F(SchedulerTest, BadRequestsNameTheField) {
   EXPECT_EQ(s.Submit(Request("late", {1}, 1), sink).code(), absl::StatusCode::kUnavailable);
   ASSERT_TRUE(first->Wait());  // running sequences finish while draining
   EXPECT_TRUE(first->status().ok());
+}
+
+// An in-memory PrefixStore: puts land at once, so a later sequence sees every earlier block.
+// `fail_lookups` answers like a store that is down; `corrupt` flips a byte of each block whose
+// end position it holds, on the way out.
+class MemoryStore : public PrefixStore {
+ public:
+  void PutAsync(KvPut put) override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (put.key.end_position > 128 && !put.parent) return;  // contract: parent after block 0
+    blocks_[{put.key.tenant, put.key.chain_hash, put.key.end_position}] = std::move(put.data);
+  }
+  void DeleteSequenceAsync(std::string, std::string) override {}
+  PrefixFetch FetchPrefix(const std::string& tenant,
+                          const std::vector<uint64_t>& hashes) override {
+    std::lock_guard<std::mutex> l(mu_);
+    PrefixFetch f;
+    if (fail_lookups) {
+      f.lookup_status = absl::UnavailableError("store down");
+      return f;
+    }
+    for (size_t i = 0; i < hashes.size(); ++i) {
+      auto it = blocks_.find({tenant, hashes[i], static_cast<uint32_t>(128 * (i + 1))});
+      if (it == blocks_.end()) break;
+      ++f.matched_blocks;
+      std::string data = it->second;
+      if (corrupt.count(static_cast<uint32_t>(128 * (i + 1))) != 0) data[data.size() / 2] ^= 1;
+      f.blocks.push_back(std::move(data));
+    }
+    return f;
+  }
+  size_t size() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return blocks_.size();
+  }
+  bool fail_lookups = false;
+  std::set<uint32_t> corrupt;
+
+ private:
+  mutable std::mutex mu_;
+  std::map<std::tuple<std::string, uint64_t, uint32_t>, std::string> blocks_;
+};
+
+struct RunResult {
+  std::vector<int32_t> tokens;
+  std::vector<std::string> logprob_bytes;  // each message's logprobs, serialized
+  uint32_t cached = 0;
+};
+
+RunResult RunOne(Scheduler& s, v1::SequenceRequest r) {
+  auto sink = std::make_shared<Collector>();
+  EXPECT_TRUE(s.Submit(r, sink).ok());
+  EXPECT_TRUE(sink->Wait());
+  EXPECT_TRUE(sink->status().ok()) << sink->status();
+  RunResult out;
+  out.tokens = sink->tokens();
+  const auto msgs = sink->messages();
+  if (!msgs.empty()) out.cached = msgs.front().cached_prompt_tokens();
+  for (const auto& m : msgs) {
+    for (const auto& lp : m.logprobs()) out.logprob_bytes.push_back(lp.SerializeAsString());
+  }
+  return out;
+}
+
+TEST_F(SchedulerTest, StateRebuiltFromStoredBlocksContinuesBitIdentically) {
+  std::vector<uint32_t> prompt;
+  for (int j = 0; j < 3 * 128 + 50; ++j) prompt.push_back(static_cast<uint32_t>((j * 37 + 11) % 1024));
+  auto request = [&](const std::string& id, const std::string& tenant,
+                     const std::vector<uint32_t>& p) {
+    v1::SequenceRequest r = Request(id, p, 12, 0.8f, 99);
+    r.set_tenant(tenant);
+    r.mutable_sampling()->set_top_logprobs(20);
+    return r;
+  };
+  // The reference: no store at all.
+  RunResult plain;
+  {
+    Scheduler s(model_.get(), SchedulerOptions{}, nullptr);
+    plain = RunOne(s, request("plain", "t1", prompt));
+  }
+  EXPECT_EQ(plain.tokens, EngineTokens(request("e", "t1", prompt)));
+
+  MemoryStore store;
+  SchedulerOptions o;
+  o.prefix_store = &store;
+  o.max_batch_tokens = 100;  // chunks end at block boundaries and at the budget
+  prometheus::Registry registry;
+  Scheduler s(model_.get(), o, &registry);
+  RunResult first = RunOne(s, request("first", "t1", prompt));
+  EXPECT_EQ(first.cached, 0u);
+  EXPECT_EQ(store.size(), 3u);  // the prompt's 3 full blocks (434 + 12 tokens fed < 512)
+  RunResult second = RunOne(s, request("second", "t1", prompt));
+  EXPECT_EQ(second.cached, 3u * 128);
+  for (const RunResult* r : {&first, &second}) {
+    EXPECT_EQ(r->tokens, plain.tokens);
+    ASSERT_EQ(r->logprob_bytes.size(), plain.logprob_bytes.size());
+    for (size_t i = 0; i < plain.logprob_bytes.size(); ++i) {
+      EXPECT_EQ(r->logprob_bytes[i], plain.logprob_bytes[i]) << "token " << i;
+    }
+  }
+  // Another tenant never hits.
+  RunResult other = RunOne(s, request("other", "t2", prompt));
+  EXPECT_EQ(other.cached, 0u);
+  EXPECT_EQ(other.tokens, plain.tokens);
+
+  // A shared 256-token prefix with another tail hits its two blocks.
+  std::vector<uint32_t> forked(prompt.begin(), prompt.begin() + 256);
+  for (int j = 0; j < 40; ++j) forked.push_back(static_cast<uint32_t>((j * 7 + 500) % 1024));
+  RunResult fork_plain;
+  {
+    Scheduler alone(model_.get(), SchedulerOptions{}, nullptr);
+    fork_plain = RunOne(alone, request("fp", "t1", forked));
+  }
+  RunResult fork = RunOne(s, request("fork", "t1", forked));
+  EXPECT_EQ(fork.cached, 256u);
+  EXPECT_EQ(fork.tokens, fork_plain.tokens);
+  EXPECT_EQ(fork.logprob_bytes, fork_plain.logprob_bytes);
+
+  // A corrupted block is not used: the chain stops before it and the rest is computed.
+  store.corrupt = {256};
+  RunResult corrupted = RunOne(s, request("corrupted", "t1", prompt));
+  EXPECT_EQ(corrupted.cached, 128u);
+  EXPECT_EQ(corrupted.tokens, plain.tokens);
+  EXPECT_EQ(corrupted.logprob_bytes, plain.logprob_bytes);
+  // A store that is down only costs the reuse.
+  store.corrupt.clear();
+  store.fail_lookups = true;
+  RunResult down = RunOne(s, request("down", "t1", prompt));
+  EXPECT_EQ(down.cached, 0u);
+  EXPECT_EQ(down.tokens, plain.tokens);
+  EXPECT_EQ(down.logprob_bytes, plain.logprob_bytes);
+}
+
+TEST_F(SchedulerTest, BlocksCompletedDuringDecodeAreStoredAndReused) {
+  // 100 prompt tokens + 40 generated cross the first boundary while decoding.
+  std::vector<uint32_t> prompt;
+  for (int j = 0; j < 100; ++j) prompt.push_back(static_cast<uint32_t>((j * 53 + 3) % 1024));
+  MemoryStore store;
+  SchedulerOptions o;
+  o.prefix_store = &store;
+  Scheduler s(model_.get(), o, nullptr);
+  v1::SequenceRequest r = Request("gen", prompt, 40);
+  r.set_tenant("t");
+  RunResult gen = RunOne(s, r);
+  ASSERT_EQ(gen.tokens.size(), 40u);
+  EXPECT_EQ(store.size(), 1u);
+  // The conversation continues: prompt + answer + a new turn; its first block is a hit.
+  std::vector<uint32_t> next = prompt;
+  for (int32_t t : gen.tokens) next.push_back(static_cast<uint32_t>(t));
+  for (int j = 0; j < 10; ++j) next.push_back(static_cast<uint32_t>(j + 1));
+  v1::SequenceRequest turn = Request("turn", next, 8);
+  turn.set_tenant("t");
+  RunResult cont = RunOne(s, turn);
+  EXPECT_EQ(cont.cached, 128u);
+  EXPECT_EQ(cont.tokens, EngineTokens(turn));
 }
 
 }  // namespace

@@ -474,6 +474,17 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
   const std::string router = "--router=" + members[0].grpc_address(cluster->options_.host);
   for (int i = 1; i < count && status.ok(); ++i) {
     members[i].args.push_back(router);
+    if (members[i].kind == "attention-worker" && BinaryHasFlag(members[i].binary, "kv-store")) {
+      for (ClusterMember& kv : members) {
+        if (kv.kind != "kv-store") continue;
+        // Its port is known once it is ready (--base-port 0 lets it pick one).
+        status = cluster->WaitReady(kv, deadline);
+        if (status.ok()) {
+          members[i].args.push_back("--kv-store=" + kv.grpc_address(cluster->options_.host));
+        }
+      }
+      if (!status.ok()) break;
+    }
     ports = PortsFor(base, i, count);
     status = cluster->Spawn(members[i], ports.grpc, ports.metrics, cluster->options_.http_port);
   }

@@ -17,6 +17,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/child_process.h"
+#include "tests/testing/in_process_gateway.h"
 
 namespace expertmesh::gateway {
 namespace {
@@ -265,29 +266,19 @@ TEST(HttpServerStreamTest, StreamsChunksAndNoticesHangUp) {
 TEST(GeneratorTest, NoWorkerIs503) {
   auto tok = tokenizer::LoadDefaultTokenizer();
   ASSERT_TRUE(tok.ok()) << tok.status();
-  ModelInfo model;
-  model.id = "m";
-  model.context_length = 4096;
-  GenerationOptions gen;
-  gen.router = "127.0.0.1:1";  // nothing listens there
-  gen.pick_timeout = absl::Milliseconds(300);
-  prometheus::Registry registry;
-  HttpApi api(
-      model, [] { return RouterHealth{}; }, registry,
-      std::make_shared<Generator>(model, tok->get(), gen));
-  auto server =
-      HttpServer::Start("127.0.0.1", 0, [&](const HttpRequest& r) { return api.Handle(r); });
-  ASSERT_TRUE(server.ok()) << server.status();
+  testing::InProcessGatewayOptions o = testing::NoWorkerGatewayOptions();
+  o.model.context_length = 4096;
+  auto gateway = testing::InProcessGateway::Start(std::move(o), tok->get());
+  ASSERT_TRUE(gateway.ok()) << gateway.status();
   for (const char* stream : {"false", "true"}) {
     auto r = testing::HttpRequest(
-        (*server)->port(), "POST", "/v1/chat/completions",
+        (*gateway)->port(), "POST", "/v1/chat/completions",
         std::string(R"({"model":"m","messages":[{"role":"user","content":"hi"}],"stream":)") +
             stream + "}");
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_EQ(r->status, 503) << r->body;
     EXPECT_EQ(json::parse(r->body)["error"]["code"], "overloaded") << r->body;
   }
-  (*server)->Stop();
 }
 
 }  // namespace

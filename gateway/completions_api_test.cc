@@ -133,11 +133,9 @@ const char kWeatherTool[] =
 class OpenAiRoutesTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    static absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>>* loaded =
-        new absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>>(
-            tokenizer::LoadDefaultTokenizer());
-    ASSERT_TRUE(loaded->ok()) << loaded->status();
-    tok_ = loaded->value().get();
+    const auto& loaded = testing::SharedDefaultTokenizer();
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    tok_ = loaded->get();
     eos_ = tok_->TokenToId(chat::kEos).value_or(-1);
     bos_ = tok_->TokenToId(chat::kBos).value_or(-1);
     ASSERT_GE(eos_, 0);

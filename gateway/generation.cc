@@ -5,7 +5,9 @@
 #include <chrono>
 #include <random>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
+#include "core/base/log.h"
 #include "core/chat/encoder.h"
 #include "core/chat/parser.h"
 #include "core/rpc/channel.h"
@@ -89,8 +91,38 @@ ApiError FromGrpc(const grpc::Status& s, const std::string& address) {
 // until the ticker/drain callers that hold a reference let go. `mu_` serializes everything that
 // touches the sink, the decoder/parser and the read state: gRPC reactions, the writer's
 // OnDrained/OnClientGone callbacks (HTTP threads), the idle ticker and Drain.
-class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
-                         public std::enable_shared_from_this<Generation> {
+class Generation;
+
+// One Generate call of a generation. A client reactor serves a single call and a failover makes
+// another, so the calls are these small reactors that hand every reaction to their Generation
+// (which owns the read buffer and the hold bookkeeping); each deletes itself when its call is
+// done.
+class Attempt final : public grpc::ClientReadReactor<v1::SequenceTokens> {
+ public:
+  explicit Attempt(std::shared_ptr<Generation> g) : g_(std::move(g)) {}
+  void OnReadDone(bool ok) override;
+  void OnDone(const grpc::Status& status) override;
+
+ private:
+  std::shared_ptr<Generation> g_;
+};
+
+// Failover (GenerationOptions.max_resubmits): a call that ended this way is resumed elsewhere.
+// CANCELLED counts only when the gateway did not cancel it itself (callers check that first).
+bool Retriable(const grpc::Status& s) {
+  switch (s.error_code()) {
+    case grpc::StatusCode::UNAVAILABLE:
+    case grpc::StatusCode::CANCELLED:
+      return true;
+    case grpc::StatusCode::ABORTED:
+      // The draining worker's hand-over (attention_worker.proto, DrainRequest).
+      return absl::StartsWith(s.error_message(), "resubmit:");
+    default:
+      return false;
+  }
+}
+
+class Generation final : public std::enable_shared_from_this<Generation> {
  public:
   Generation(Generator* core, GenerationInput input, std::string id,
              std::shared_ptr<ResponseWriter> writer, std::unique_ptr<GenerationSink> sink)
@@ -104,7 +136,7 @@ class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
         start_(absl::Now()),
         last_activity_(start_) {}
 
-  ~Generation() override {
+  ~Generation() {
     if (GatewayMetrics* m = core_->options_.metrics) m->active_streams.Decrement();
     core_->Unregister(this);  // last: the Generator may be destroyed right after
   }
@@ -139,6 +171,7 @@ class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
     if (!input_.assistant_prefix.empty() && !input_.raw_text) {
       prefix_delta_ = parser_.Feed(input_.assistant_prefix);
     }
+    max_new_ = max_new;
     BuildRequest(ids, max_new);
 
     std::weak_ptr<Generation> weak = weak_from_this();
@@ -158,32 +191,42 @@ class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
       return;
     }
     router_stub_ = std::make_unique<v1::Router::Stub>(core_->Channel(o.router));
-    rpc::SetTimeout(pick_ctx_, o.pick_timeout);
     pick_req_.set_tenant(input_.tenant);
+    Pick();
+  }
+
+  // Asks the router for a worker (again after a failover).
+  void Pick() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      pick_ctx_ = std::make_unique<grpc::ClientContext>();
+      rpc::SetTimeout(*pick_ctx_, core_->options_.pick_timeout);
+      pick_resp_.Clear();
+      if (gone_ || aborted_) pick_ctx_->TryCancel();  // OnPicked ends it
+    }
     router_stub_->async()->PickAttentionWorker(
-        &pick_ctx_, &pick_req_, &pick_resp_,
+        pick_ctx_.get(), &pick_req_, &pick_resp_,
         [self = shared_from_this()](grpc::Status s) { self->OnPicked(std::move(s)); });
   }
 
   // Drain's deadline passed: end with `error` (an error chunk/event once streaming).
   void Abort(const ApiError& error) {
-    bool release = false;
+    Attempt* release = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (ended_ || gone_ || aborted_) return;
       aborted_ = true;
       abort_error_ = error;
       StopReadingLocked();
-      pick_ctx_.TryCancel();
-      ctx_.TryCancel();
+      CancelCallsLocked();
       release = TakeHoldLocked();
     }
-    if (release) RemoveHold();
+    if (release) release->RemoveHold();
   }
 
   // The ticker: GenerationSink::Idle when nothing arrived for idle_interval.
   void MaybeIdle(absl::Time now) {
-    bool release = false;
+    Attempt* release = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (ended_ || gone_ || aborted_ || !client_ok_ || finishing_) return;
@@ -194,22 +237,23 @@ class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
       GoneLocked();
       release = TakeHoldLocked();
     }
-    if (release) RemoveHold();
+    if (release) release->RemoveHold();
   }
 
-  void OnReadDone(bool ok) override {
-    bool release = false;
+  void OnReadDone(Attempt* call, bool ok) {
+    Attempt* release = nullptr;
     bool read_again = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       reading_ = false;
       if (!ok) stop_reading_ = true;
       if (ok && !stop_reading_) {
+        RememberForResume();
         Consume();
         if (stop_.stopped() || !client_ok_) {
           // A stop string (or a client that is gone): the worker frees the sequence.
           StopReadingLocked();
-          ctx_.TryCancel();
+          ctx_->TryCancel();
         }
       }
       if (stop_reading_) {
@@ -224,11 +268,12 @@ class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
         if (!paused_) read_again = reading_ = true;
       }
     }
-    if (read_again) StartRead(&msg_);
-    if (release) RemoveHold();
+    if (read_again) call->StartRead(&msg_);
+    if (release) release->RemoveHold();
   }
 
-  void OnDone(const grpc::Status& status) override {
+  void OnCallDone(const grpc::Status& status) {
+    bool resubmit = false;
     std::shared_ptr<Generation> keep;
     std::unique_ptr<GenerationSink> sink;
     std::shared_ptr<ResponseWriter> writer;
@@ -236,6 +281,15 @@ class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
     {
       std::lock_guard<std::mutex> lock(mu_);
       call_done_ = true;
+      call_ = nullptr;
+      resubmit = ResubmitLocked(status);
+    }
+    if (resubmit) {
+      Pick();  // the pick's callback holds the generation from here
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
       Conclude(status);
       EndLocked();
       keep = std::move(self_);
@@ -303,18 +357,120 @@ class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
         return;
       }
       if (!s.ok() || pick_resp_.address().empty()) {
-        FailLocked(Unavailable("no attention worker is available (router " +
-                               core_->options_.router + ": " +
-                               (s.ok() ? std::string("empty answer") : s.error_message()) + ")"));
+        if (failed_status_) {
+          FailLocked(FromGrpc(*failed_status_, failed_address_));
+        } else {
+          FailLocked(Unavailable("no attention worker is available (router " +
+                                 core_->options_.router + ": " +
+                                 (s.ok() ? std::string("empty answer") : s.error_message()) +
+                                 ")"));
+        }
         EndAndReleaseLocked();
         return;
       }
       address = pick_resp_.address();
+      if (failed_.count(address) != 0) {
+        // The router may not know yet that the worker is gone (its lease still runs), or it is
+        // the least loaded one that is draining: look for another.
+        members_ctx_ = std::make_unique<grpc::ClientContext>();
+        rpc::SetTimeout(*members_ctx_, core_->options_.pick_timeout);
+        members_req_.set_kind(v1::WORKER_KIND_ATTENTION);
+        address.clear();
+      }
+    }
+    if (address.empty()) {
+      router_stub_->async()->ListMembers(
+          members_ctx_.get(), &members_req_, &members_resp_,
+          [self = shared_from_this()](grpc::Status s) { self->OnMembers(std::move(s)); });
+      return;
     }
     StartGenerate(address);
   }
 
+  // After a failover whose pick named a worker that failed this generation: another live one,
+  // or the first failure's answer.
+  void OnMembers(grpc::Status s) {
+    std::string address;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (gone_ || aborted_) {
+        if (aborted_) FailLocked(abort_error_);
+        EndAndReleaseLocked();
+        return;
+      }
+      for (v1::MemberState want : {v1::MEMBER_STATE_ALIVE, v1::MEMBER_STATE_SUSPECT}) {
+        for (const v1::Member& m : members_resp_.members()) {
+          if (!s.ok() || !address.empty()) break;
+          if (m.kind() == v1::WORKER_KIND_ATTENTION && m.state() == want &&
+              failed_.count(m.address()) == 0) {
+            address = m.address();
+          }
+        }
+      }
+      if (address.empty()) {
+        FailLocked(FromGrpc(*failed_status_, failed_address_));
+        EndAndReleaseLocked();
+        return;
+      }
+    }
+    StartGenerate(address);
+  }
+
+  // With mu_ held, on OnReadDone's message: what a resubmit needs (the ids streamed so far and
+  // the seed the worker drew with).
+  void RememberForResume() {
+    for (uint32_t t : msg_.token_ids()) generated_.push_back(t);
+    // A call's first message reports its seed; the first call that got that far drew with it.
+    if (first_message_ && !seed_reported_) {
+      seed_reported_ = true;
+      seed_ = msg_.seed();
+    }
+    first_message_ = false;
+  }
+
+  // With mu_ held, when a call is done: true if the generation goes on on another worker (the
+  // request is then ready for it and the caller must Pick).
+  bool ResubmitLocked(const grpc::Status& status) {
+    const GenerationOptions& o = core_->options_;
+    if (status.ok() || !Retriable(status)) return false;
+    // The gateway's own cancellations, and ends that are ends.
+    if (gone_ || aborted_ || !client_ok_ || stop_.stopped()) return false;
+    if (worker_finish_ != v1::FINISH_REASON_UNSPECIFIED) return false;
+    if (o.router.empty() || !o.attention_worker.empty()) return false;  // nowhere else to go
+    if (resubmits_ >= o.max_resubmits || absl::Now() >= start_ + o.generate_timeout) return false;
+    const uint32_t done = static_cast<uint32_t>(generated_.size());
+    if (max_new_ > 0 && done >= max_new_) return false;
+    ++resubmits_;
+    core_->resubmits_.fetch_add(1);
+    if (o.resubmits != nullptr) o.resubmits->Increment();
+    failed_.insert(address_);
+    failed_status_ = status;
+    failed_address_ = address_;
+    // Prompt + what was generated, the same seed, the budget left: the next worker's tokens are
+    // the ones this one would have sent (attention_worker.proto, resumed_tokens).
+    seq_.mutable_prompt_ids()->Truncate(static_cast<int>(prompt_tokens_));
+    for (uint32_t t : generated_) seq_.add_prompt_ids(t);
+    seq_.set_resumed_tokens(done);
+    v1::SamplingParams* sp = seq_.mutable_sampling();
+    if (max_new_ > 0) sp->set_max_new_tokens(max_new_ - done);
+    if (!input_.seed && seed_reported_) sp->set_seed(seed_);
+    base::LogInfo(absl::StrFormat(
+        "generation %s: attention worker %s ended the stream after %u tokens (status %d: %s); "
+        "resubmitting (%d of at most %d)",
+        id_, address_, done, static_cast<int>(status.error_code()), status.error_message(),
+        resubmits_, o.max_resubmits));
+    return true;
+  }
+
+  // With mu_ held: cancels the router and worker calls in flight (their callbacks end it).
+  void CancelCallsLocked() {
+    if (pick_ctx_) pick_ctx_->TryCancel();
+    if (members_ctx_) members_ctx_->TryCancel();
+    if (ctx_) ctx_->TryCancel();
+  }
+
   void StartGenerate(const std::string& address) {
+    Attempt* call = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       address_ = address;
@@ -324,43 +480,54 @@ class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
         return;
       }
       worker_stub_ = std::make_unique<v1::AttentionWorker::Stub>(core_->Channel(address));
-      rpc::SetTimeout(ctx_, core_->options_.generate_timeout);
-      if (GatewayMetrics* m = core_->options_.metrics) {
+      // One deadline for all the calls: resubmits do not extend it.
+      ctx_ = std::make_unique<grpc::ClientContext>();
+      ctx_->set_deadline(absl::ToChronoTime(start_ + core_->options_.generate_timeout));
+      GatewayMetrics* m = core_->options_.metrics;
+      if (m != nullptr && attempts_ == 0) {
         m->queue_time.Observe(absl::ToDoubleSeconds(absl::Now() - start_));
         m->prompt_tokens.Increment(prompt_tokens_);
       }
+      ++attempts_;
       call_started_ = true;
+      call_done_ = false;
       hold_ = true;
       reading_ = true;
+      paused_ = false;
+      stop_reading_ = false;
+      first_message_ = true;
+      call = call_ = new Attempt(shared_from_this());
     }
-    worker_stub_->async()->Generate(&ctx_, &seq_, this);
+    worker_stub_->async()->Generate(ctx_.get(), &seq_, call);
     // The hold lets a read be started later from OnDrained (an HTTP thread): without it the call
     // could be done, and this reactor gone, while unread messages wait.
-    AddHold();
-    StartRead(&msg_);
-    StartCall();
+    call->AddHold();
+    call->StartRead(&msg_);
+    call->StartCall();
   }
 
   void OnDrained() {
+    Attempt* call = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!paused_) return;
       paused_ = false;
       if (stop_reading_) return;  // the hold was released when reading stopped
       reading_ = true;
+      call = call_;
     }
-    StartRead(&msg_);
+    call->StartRead(&msg_);
   }
 
   void OnClientGone() {
-    bool release = false;
+    Attempt* release = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (ended_ || gone_) return;
       GoneLocked();
       release = TakeHoldLocked();
     }
-    if (release) RemoveHold();
+    if (release) release->RemoveHold();
   }
 
   // With mu_ held: the client is gone; nothing more reaches the sink.
@@ -369,18 +536,17 @@ class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
     gone_ = true;
     if (GatewayMetrics* m = core_->options_.metrics) m->client_disconnects.Increment();
     StopReadingLocked();
-    pick_ctx_.TryCancel();
-    ctx_.TryCancel();
+    CancelCallsLocked();
   }
 
   void StopReadingLocked() { stop_reading_ = true; }
 
-  // With mu_ held: true when the caller must RemoveHold (after unlocking): reading has stopped
-  // and no read is in flight.
-  bool TakeHoldLocked() {
-    if (!hold_ || reading_ || !stop_reading_) return false;
+  // With mu_ held: the call whose hold the caller must remove (after unlocking) when reading has
+  // stopped and no read is in flight, else null.
+  Attempt* TakeHoldLocked() {
+    if (!hold_ || reading_ || !stop_reading_) return nullptr;
     hold_ = false;
-    return true;
+    return call_;
   }
 
   void Emit(const chat::StreamDelta& d) {
@@ -402,6 +568,7 @@ class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
     }
     if (!begun_) {
       begun_ = true;
+      cached_prompt_tokens_ = std::min(msg_.cached_prompt_tokens(), prompt_tokens_);
       client_ok_ = sink_->Begin(prompt_tokens_);
       Emit(prefix_delta_);
     }
@@ -479,6 +646,7 @@ class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
     if (!client_ok_ || gone_) return;
     GenerationOutcome outcome;
     outcome.prompt_tokens = prompt_tokens_;
+    outcome.cached_prompt_tokens = cached_prompt_tokens_;
     outcome.completion_tokens = completion_tokens_;
     outcome.stopped_by_string = stop_.stopped();
     outcome.stop_sequence = stop_.matched();
@@ -531,19 +699,37 @@ class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
   absl::Time first_token_;
   absl::Time last_token_;
   uint32_t prompt_tokens_ = 0;
+  uint32_t cached_prompt_tokens_ = 0;
   uint32_t completion_tokens_ = 0;
   v1::FinishReason worker_finish_ = v1::FINISH_REASON_UNSPECIFIED;
   std::string address_;
 
   std::shared_ptr<Generation> self_;
   std::unique_ptr<v1::Router::Stub> router_stub_;
-  grpc::ClientContext pick_ctx_;
+  // A context serves one call: each pick and each Generate call (attempt) gets a new one.
+  std::unique_ptr<grpc::ClientContext> pick_ctx_;
   v1::PickAttentionWorkerRequest pick_req_;
   v1::PickAttentionWorkerResponse pick_resp_;
+  std::unique_ptr<grpc::ClientContext> members_ctx_;
+  v1::ListMembersRequest members_req_;
+  v1::ListMembersResponse members_resp_;
   std::unique_ptr<v1::AttentionWorker::Stub> worker_stub_;
-  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientContext> ctx_;
   v1::SequenceRequest seq_;
   v1::SequenceTokens msg_;
+  Attempt* call_ = nullptr;  // the Generate call in flight (it deletes itself when done)
+
+  // Failover.
+  uint32_t max_new_ = 0;            // the first request's max_new_tokens
+  std::vector<uint32_t> generated_;  // every id the workers streamed, in order
+  bool seed_reported_ = false;
+  bool first_message_ = false;  // the next message is the call's first
+  uint64_t seed_ = 0;  // the seed the first worker drew with
+  int attempts_ = 0;   // Generate calls started
+  int resubmits_ = 0;
+  std::set<std::string> failed_;  // workers whose call failed retriably
+  std::optional<grpc::Status> failed_status_;
+  std::string failed_address_;
 
   bool call_started_ = false;
   bool call_done_ = false;
@@ -559,6 +745,14 @@ class Generation final : public grpc::ClientReadReactor<v1::SequenceTokens>,
   bool ended_ = false;
   ApiError abort_error_;
 };
+
+void Attempt::OnReadDone(bool ok) { g_->OnReadDone(this, ok); }
+
+void Attempt::OnDone(const grpc::Status& status) {
+  std::shared_ptr<Generation> g = std::move(g_);
+  g->OnCallDone(status);
+  delete this;
+}
 
 Generator::Generator(ModelInfo model, const tokenizer::Tokenizer* tokenizer,
                      GenerationOptions options)

@@ -5,6 +5,7 @@
 // gateway/messages_api.h.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <map>
 #include <memory>
@@ -22,6 +23,7 @@
 #include "gateway/model_info.h"
 #include "grpcpp/channel.h"
 #include "nlohmann/json_fwd.hpp"
+#include "prometheus/counter.h"
 
 namespace expertmesh::gateway {
 
@@ -30,11 +32,21 @@ struct GatewayMetrics;  // gateway/gateway_metrics.h
 struct GenerationOptions {
   std::string router;            // "host:port"; PickAttentionWorker chooses the worker
   std::string attention_worker;  // fixed worker, used when set (or when there is no router)
-  absl::Duration generate_timeout = absl::Minutes(30);  // deadline of one Generate call
+  // Deadline of the whole generation's Generate calls (resubmits included).
+  absl::Duration generate_timeout = absl::Minutes(30);
   absl::Duration pick_timeout = absl::Seconds(2);
   absl::Duration idle_interval = absl::Seconds(5);  // GenerationSink::Idle while waiting
   // Optional (must outlive the Generator): token counts, latencies, active streams.
   GatewayMetrics* metrics = nullptr;
+  // Failover: a Generate stream that ends retriably (the worker died, stopped or handed the
+  // sequence over while draining: UNAVAILABLE, CANCELLED not asked for by the gateway, or
+  // ABORTED "resubmit: ...") is resubmitted, at most this many times per generation, to another
+  // attention worker the router knows, with the tokens already streamed as
+  // SequenceRequest.resumed_tokens; the client's stream goes on as if nothing happened. Only
+  // with a router (a fixed attention_worker leaves nowhere to go).
+  int max_resubmits = 3;
+  // Optional (must outlive the Generator): counts resubmits (expertmesh_gateway_resubmits_total).
+  prometheus::Counter* resubmits = nullptr;
 };
 
 // What one generation runs, whichever API asked for it.
@@ -82,6 +94,9 @@ struct GeneratedToken {
 
 struct GenerationOutcome {
   uint32_t prompt_tokens = 0;
+  // Of prompt_tokens, those the attention worker loaded from the kv-store instead of computing
+  // (its first SequenceTokens message's cached_prompt_tokens).
+  uint32_t cached_prompt_tokens = 0;
   uint32_t completion_tokens = 0;
   std::string stop_sequence;  // the stop string that ended the text, if one did
   bool stopped_by_string = false;
@@ -156,6 +171,8 @@ class Generator {
   const ModelInfo& model() const { return model_; }
   // Null when the gateway runs without a tokenizer.
   const tokenizer::Tokenizer* tokenizer() const { return tokenizer_; }
+  // Generate calls resubmitted to another attention worker (failover) so far.
+  int64_t resubmits() const { return resubmits_.load(); }
 
  private:
   friend class Generation;
@@ -177,6 +194,7 @@ class Generator {
   bool stopping_ = false;   // ends the ticker
   std::thread ticker_;      // GenerationSink::Idle for every live generation
   bool draining_ = false;
+  std::atomic<int64_t> resubmits_{0};
 };
 
 }  // namespace expertmesh::gateway

@@ -30,13 +30,8 @@ namespace {
 
 using nlohmann::json;
 
-const tokenizer::Tokenizer& Tok() {
-  static const tokenizer::Tokenizer* tok = [] {
-    auto t = tokenizer::LoadDefaultTokenizer();
-    return t.ok() ? t->release() : nullptr;
-  }();
-  return *tok;
-}
+// Every test's SetUp checks that it loaded.
+const tokenizer::Tokenizer& Tok() { return **testing::SharedDefaultTokenizer(); }
 
 std::vector<uint32_t> Ids(const std::string& text, bool with_eos = true) {
   std::vector<uint32_t> out;
@@ -49,8 +44,8 @@ std::vector<uint32_t> Ids(const std::string& text, bool with_eos = true) {
 class GatewayCoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto t = tokenizer::LoadDefaultTokenizer();
-    ASSERT_TRUE(t.ok()) << t.status();
+    const auto& tok = testing::SharedDefaultTokenizer();
+    ASSERT_TRUE(tok.ok()) << tok.status();
   }
   void StartGateway(testing::ScriptedWorkerOptions worker_options) {
     testing::InProcessGatewayOptions o;
@@ -63,6 +58,20 @@ class GatewayCoreTest : public ::testing::Test {
     gateway_ = std::move(*g);
   }
   void TearDown() override { gateway_.reset(); }
+
+  // A worker that answers " word" `words` times (no end of sentence), one id every 20 ms.
+  static testing::ScriptedWorkerOptions PacedWords(int words) {
+    testing::ScriptedWorkerOptions o;
+    o.inter_token_interval = absl::Milliseconds(20);
+    o.script = [words](const v1::SequenceRequest&) {
+      testing::ScriptedReply r;
+      for (int i = 0; i < words; ++i) {
+        for (uint32_t id : Ids(" word", false)) r.token_ids.push_back(id);
+      }
+      return r;
+    };
+    return o;
+  }
 
   static std::string ChatBody(bool stream) {
     return json{{"model", "m"},
@@ -195,16 +204,7 @@ void StreamThenHangUp(int port, const std::string& body) {
 }
 
 TEST_F(GatewayCoreTest, HangUpCancelsTheSequence) {
-  testing::ScriptedWorkerOptions o;
-  o.inter_token_interval = absl::Milliseconds(20);
-  o.script = [](const v1::SequenceRequest&) {
-    testing::ScriptedReply r;
-    for (int i = 0; i < 40; ++i) {
-      for (uint32_t id : Ids(" word", false)) r.token_ids.push_back(id);
-    }
-    return r;
-  };
-  StartGateway(std::move(o));
+  StartGateway(PacedWords(40));
   StreamThenHangUp(gateway_->port(), ChatBody(true));
   EXPECT_EQ(gateway_->worker().WaitForActive(0, absl::Seconds(10)), 0);
   EXPECT_EQ(gateway_->worker().cancelled_calls(), 1u);
@@ -243,16 +243,7 @@ TEST_F(GatewayCoreTest, DrainLetsRunningStreamsFinish) {
 }
 
 TEST_F(GatewayCoreTest, DrainDeadlineEndsLateStreamsWithAnErrorAndRefusesNewOnes) {
-  testing::ScriptedWorkerOptions o;
-  o.inter_token_interval = absl::Milliseconds(20);
-  o.script = [](const v1::SequenceRequest&) {
-    testing::ScriptedReply r;
-    for (int i = 0; i < 2000; ++i) {
-      for (uint32_t id : Ids(" word", false)) r.token_ids.push_back(id);
-    }
-    return r;
-  };
-  StartGateway(std::move(o));
+  StartGateway(PacedWords(2000));
   auto client = std::async(std::launch::async, [&] {
     return testing::HttpRequest(gateway_->port(), "POST", "/v1/chat/completions", ChatBody(true),
                                 absl::Seconds(30));
@@ -337,9 +328,49 @@ class RecordingSink final : public GenerationSink {
   std::shared_ptr<Log> log_;
 };
 
-TEST(GenerationContractTest, PrefixSamplingFieldsAndIdle) {
-  auto t = tokenizer::LoadDefaultTokenizer();
-  ASSERT_TRUE(t.ok()) << t.status();
+// The generation core alone against the scripted worker (model "m"), its sink recorded.
+class GenerationContractTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto& tok = testing::SharedDefaultTokenizer();
+    ASSERT_TRUE(tok.ok()) << tok.status();
+  }
+  // The scripted worker and a Generator on it.
+  void StartCore(testing::ScriptedWorkerOptions o, ModelInfo model, GenerationOptions gen) {
+    auto worker = testing::ScriptedAttentionWorker::Start(std::move(o));
+    ASSERT_TRUE(worker.ok()) << worker.status();
+    worker_ = std::move(*worker);
+    model.id = "m";
+    gen.attention_worker = worker_->address();
+    core_ = std::make_unique<Generator>(model, &Tok(), gen);
+  }
+  static GenerationInput UserInput(const std::string& content) {
+    GenerationInput in;
+    chat::Message m;
+    m.content = content;
+    in.messages.push_back(m);
+    return in;
+  }
+  // Starts `in` as sequence `seq`, writing through `writer`.
+  std::shared_ptr<RecordingSink::Log> Start(GenerationInput in, const std::string& seq,
+                                            std::shared_ptr<ResponseWriter> writer) {
+    auto log = std::make_shared<RecordingSink::Log>();
+    done_ = log->done.get_future();
+    core_->Start(std::move(in), seq, std::move(writer), std::make_unique<RecordingSink>(log));
+    return log;
+  }
+  // Waits for the generation Start began to end, and for the core to let go of it.
+  void WaitDone() {
+    ASSERT_EQ(done_.wait_for(std::chrono::seconds(20)), std::future_status::ready);
+    core_->WaitIdle();
+  }
+
+  std::unique_ptr<testing::ScriptedAttentionWorker> worker_;
+  std::unique_ptr<Generator> core_;
+  std::future<void> done_;
+};
+
+TEST_F(GenerationContractTest, PrefixSamplingFieldsAndIdle) {
   const std::string answer = " and so on.</think>The answer.";
   testing::ScriptedWorkerOptions o;
   o.inter_token_interval = absl::Milliseconds(150);
@@ -349,20 +380,13 @@ TEST(GenerationContractTest, PrefixSamplingFieldsAndIdle) {
     r.token_ids.push_back(static_cast<uint32_t>(*Tok().TokenToId(chat::kEos)));
     return r;
   };
-  auto worker = testing::ScriptedAttentionWorker::Start(std::move(o));
-  ASSERT_TRUE(worker.ok()) << worker.status();
   ModelInfo model;
-  model.id = "m";
   model.context_length = 4096;
   GenerationOptions gen;
-  gen.attention_worker = (*worker)->address();
   gen.idle_interval = absl::Milliseconds(20);
-  Generator core(model, &Tok(), gen);
+  ASSERT_NO_FATAL_FAILURE(StartCore(std::move(o), model, gen));
 
-  GenerationInput in;
-  chat::Message m;
-  m.content = "why?";
-  in.messages.push_back(m);
+  GenerationInput in = UserInput("why?");
   in.encode.thinking_mode = chat::ThinkingMode::kThinking;
   in.assistant_prefix = "Let me think";
   in.logprobs = true;
@@ -371,17 +395,13 @@ TEST(GenerationContractTest, PrefixSamplingFieldsAndIdle) {
   auto lease = std::make_shared<int>(1);
   in.lease = lease;
   std::vector<int32_t> expect_ids;
-  ASSERT_FALSE(core.PromptIds(in, &expect_ids).has_value());
-  auto log = std::make_shared<RecordingSink::Log>();
-  auto done = log->done.get_future();
-  core.Start(std::move(in), "seq-1", std::make_shared<RecordingWriter>(),
-             std::make_unique<RecordingSink>(log));
-  ASSERT_EQ(done.wait_for(std::chrono::seconds(20)), std::future_status::ready);
-  core.WaitIdle();
+  ASSERT_FALSE(core_->PromptIds(in, &expect_ids).has_value());
+  auto log = Start(std::move(in), "seq-1", std::make_shared<RecordingWriter>());
+  WaitDone();
   EXPECT_EQ(lease.use_count(), 1) << "the generation still holds its lease";
 
-  ASSERT_EQ((*worker)->requests().size(), 1u);
-  const v1::SequenceRequest req = (*worker)->requests()[0];
+  ASSERT_EQ(worker_->requests().size(), 1u);
+  const v1::SequenceRequest req = worker_->requests()[0];
   ASSERT_EQ(static_cast<size_t>(req.prompt_ids_size()), expect_ids.size());
   const std::vector<int32_t> prefix = Tok().Encode("Let me think", true);
   for (size_t i = 0; i < prefix.size(); ++i) {
@@ -400,41 +420,26 @@ TEST(GenerationContractTest, PrefixSamplingFieldsAndIdle) {
   ASSERT_EQ(log->calls.size(), 2u);
   EXPECT_EQ(log->calls[0], "begin");
   // The prefix is not generated output: only the worker's ids count.
-  EXPECT_EQ(log->calls[1], "finish " + std::to_string((*worker)->tokens_sent() - 1));
+  EXPECT_EQ(log->calls[1], "finish " + std::to_string(worker_->tokens_sent() - 1));
   EXPECT_GT(log->idles, 0);
   EXPECT_EQ(log->overlaps, 0);
 }
 
-TEST(GenerationContractTest, ChatModeSendsNoThinkingBudget) {
-  auto t = tokenizer::LoadDefaultTokenizer();
-  ASSERT_TRUE(t.ok()) << t.status();
+TEST_F(GenerationContractTest, ChatModeSendsNoThinkingBudget) {
   testing::ScriptedWorkerOptions o;
   o.script = [](const v1::SequenceRequest&) {
     testing::ScriptedReply r;
     r.token_ids = Ids("ok");
     return r;
   };
-  auto worker = testing::ScriptedAttentionWorker::Start(std::move(o));
-  ASSERT_TRUE(worker.ok()) << worker.status();
-  ModelInfo model;
-  model.id = "m";
-  GenerationOptions gen;
-  gen.attention_worker = (*worker)->address();
-  Generator core(model, &Tok(), gen);
-  GenerationInput in;
-  chat::Message m;
-  m.content = "hi";
-  in.messages.push_back(m);
+  ASSERT_NO_FATAL_FAILURE(StartCore(std::move(o), ModelInfo(), GenerationOptions()));
+  GenerationInput in = UserInput("hi");
   in.max_thinking_tokens = 7;
-  auto log = std::make_shared<RecordingSink::Log>();
-  auto done = log->done.get_future();
-  core.Start(std::move(in), "seq-2", std::make_shared<RecordingWriter>(),
-             std::make_unique<RecordingSink>(log));
-  ASSERT_EQ(done.wait_for(std::chrono::seconds(20)), std::future_status::ready);
-  core.WaitIdle();
-  ASSERT_EQ((*worker)->requests().size(), 1u);
-  EXPECT_EQ((*worker)->requests()[0].sampling().max_thinking_tokens(), 0u);
-  EXPECT_FALSE((*worker)->requests()[0].sampling().logprobs());
+  auto log = Start(std::move(in), "seq-2", std::make_shared<RecordingWriter>());
+  WaitDone();
+  ASSERT_EQ(worker_->requests().size(), 1u);
+  EXPECT_EQ(worker_->requests()[0].sampling().max_thinking_tokens(), 0u);
+  EXPECT_FALSE(worker_->requests()[0].sampling().logprobs());
   std::lock_guard<std::mutex> lock(log->mu);
   EXPECT_EQ(log->content, "ok");
 }
@@ -474,9 +479,7 @@ class FullWriter final : public ResponseWriter {
 
 // Backpressure without blocking: while the writer is over its limit the generation reads
 // nothing more from the worker; each drain lets exactly one more message through.
-TEST(GenerationContractTest, NoReadWhileTheClientQueueIsFull) {
-  auto t = tokenizer::LoadDefaultTokenizer();
-  ASSERT_TRUE(t.ok()) << t.status();
+TEST_F(GenerationContractTest, NoReadWhileTheClientQueueIsFull) {
   const std::vector<uint32_t> ids = Ids(" one two three four");
   testing::ScriptedWorkerOptions o;
   o.script = [&](const v1::SequenceRequest&) {
@@ -484,21 +487,9 @@ TEST(GenerationContractTest, NoReadWhileTheClientQueueIsFull) {
     r.token_ids = ids;
     return r;
   };
-  auto worker = testing::ScriptedAttentionWorker::Start(std::move(o));
-  ASSERT_TRUE(worker.ok()) << worker.status();
-  ModelInfo model;
-  model.id = "m";
-  GenerationOptions gen;
-  gen.attention_worker = (*worker)->address();
-  Generator core(model, &Tok(), gen);
-  GenerationInput in;
-  chat::Message m;
-  m.content = "count";
-  in.messages.push_back(m);
-  auto log = std::make_shared<RecordingSink::Log>();
-  auto done = log->done.get_future();
+  ASSERT_NO_FATAL_FAILURE(StartCore(std::move(o), ModelInfo(), GenerationOptions()));
   auto writer = std::make_shared<FullWriter>();
-  core.Start(std::move(in), "seq-bp", writer, std::make_unique<RecordingSink>(log));
+  auto log = Start(UserInput("count"), "seq-bp", writer);
   // One pause after each message: the ids, the last with the finish reason.
   for (size_t step = 0; step < ids.size(); ++step) {
     // Wait for the pause after message `step`.
@@ -530,8 +521,7 @@ TEST(GenerationContractTest, NoReadWhileTheClientQueueIsFull) {
     }
     ASSERT_TRUE(writer->Drain());
   }
-  ASSERT_EQ(done.wait_for(std::chrono::seconds(20)), std::future_status::ready);
-  core.WaitIdle();
+  WaitDone();
   std::lock_guard<std::mutex> lock(log->mu);
   EXPECT_EQ(log->content, " one two three four");
 }

@@ -617,10 +617,12 @@ std::string Event(const std::string& type, const json& data) {
   return "event: " + type + "\ndata: " + Dump(data) + "\n\n";
 }
 
-json Usage(uint32_t input, uint32_t output) {
-  return {{"input_tokens", input},
+// Anthropic's split: input_tokens are the prompt tokens after the last cache hit, so
+// input_tokens + cache_read_input_tokens is the whole prompt (what count_tokens says).
+json Usage(uint32_t prompt, uint32_t output, uint32_t cached = 0) {
+  return {{"input_tokens", prompt - std::min(cached, prompt)},
           {"output_tokens", output},
-          {"cache_read_input_tokens", 0},
+          {"cache_read_input_tokens", std::min(cached, prompt)},
           {"cache_creation_input_tokens", 0}};
 }
 
@@ -792,7 +794,13 @@ std::string AnthropicAnswer::Finish(const GenerationOutcome& o) {
                 {"delta",
                  {{"stop_reason", reason},
                   {"stop_sequence", is_stop_sequence ? json(o.stop_sequence) : json(nullptr)}}},
-                {"usage", {{"output_tokens", o.completion_tokens}}}};
+                // message_start went out before the hit was known; the final split is here
+                // (the SDKs take these fields from message_delta).
+                {"usage",
+                 {{"output_tokens", o.completion_tokens},
+                  {"input_tokens", o.prompt_tokens - std::min(o.cached_prompt_tokens,
+                                                              o.prompt_tokens)},
+                  {"cache_read_input_tokens", std::min(o.cached_prompt_tokens, o.prompt_tokens)}}}};
   if (context_edits_) delta["context_management"] = ContextManagementJson(*context_edits_);
   out += Event("message_delta", delta);
   out += Event("message_stop", {{"type", "message_stop"}});
@@ -828,7 +836,7 @@ std::string AnthropicAnswer::Message(const GenerationOutcome& o) {
                {"content", std::move(content)},
                {"stop_reason", reason},
                {"stop_sequence", is_stop_sequence ? json(o.stop_sequence) : json(nullptr)},
-               {"usage", Usage(o.prompt_tokens, o.completion_tokens)}};
+               {"usage", Usage(o.prompt_tokens, o.completion_tokens, o.cached_prompt_tokens)}};
   if (context_edits_) body["context_management"] = ContextManagementJson(*context_edits_);
   return Dump(body);
 }

@@ -5,12 +5,11 @@
 
 #include "core/chat/encoder.h"
 #include "core/tokenizer/tokenizer.h"
-#include "gateway/http_api.h"
-#include "gateway/http_server.h"
 #include "gateway/stop_matcher.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/child_process.h"
+#include "tests/testing/in_process_gateway.h"
 
 namespace expertmesh::gateway {
 namespace {
@@ -165,20 +164,11 @@ TEST(StopMatcherTest, ReportsTheMatchedString) {
 TEST(MessagesApiTest, RoutesAnswerInAnthropicShape) {
   auto tok = tokenizer::LoadDefaultTokenizer();
   ASSERT_TRUE(tok.ok()) << tok.status();
-  ModelInfo model;
-  model.id = "m";
-  model.context_length = 4096;
-  GenerationOptions gen;
-  gen.router = "127.0.0.1:1";  // nothing listens there
-  gen.pick_timeout = absl::Milliseconds(300);
-  prometheus::Registry registry;
-  HttpApi api(
-      model, [] { return RouterHealth{}; }, registry,
-      std::make_shared<Generator>(model, tok->get(), gen));
-  auto server =
-      HttpServer::Start("127.0.0.1", 0, [&](const HttpRequest& r) { return api.Handle(r); });
-  ASSERT_TRUE(server.ok()) << server.status();
-  const int port = (*server)->port();
+  testing::InProcessGatewayOptions o = testing::NoWorkerGatewayOptions();
+  o.model.context_length = 4096;
+  auto gateway = testing::InProcessGateway::Start(std::move(o), tok->get());
+  ASSERT_TRUE(gateway.ok()) << gateway.status();
+  const int port = (*gateway)->port();
 
   auto r = testing::HttpRequest(port, "POST", "/v1/messages?beta=true", R"({"model":"m"})");
   ASSERT_TRUE(r.ok()) << r.status();
@@ -205,11 +195,9 @@ TEST(MessagesApiTest, RoutesAnswerInAnthropicShape) {
   m.content = "hi";
   in.messages.push_back(m);
   std::vector<int32_t> ids;
-  Generator core(model, tok->get(), gen);
-  ASSERT_FALSE(core.PromptIds(in, &ids).has_value());
+  ASSERT_FALSE((*gateway)->core().PromptIds(in, &ids).has_value());
   EXPECT_EQ(json::parse(r->body)["input_tokens"], ids.size());
   EXPECT_GT(ids.size(), 1u);
-  (*server)->Stop();
 }
 
 // One SSE event: its name and its data.
@@ -686,28 +674,18 @@ TEST(MessagesApiTest, CodingAgentRequestWorks) {
 
   auto tok = tokenizer::LoadDefaultTokenizer();
   ASSERT_TRUE(tok.ok()) << tok.status();
-  ModelInfo model;
-  model.id = "m";
-  model.context_length = 65536;
-  model.aliases = {"*"};
-  GenerationOptions gen;
-  gen.router = "127.0.0.1:1";  // nothing listens there
-  gen.pick_timeout = absl::Milliseconds(300);
-  prometheus::Registry registry;
-  HttpApi api(
-      model, [] { return RouterHealth{}; }, registry,
-      std::make_shared<Generator>(model, tok->get(), gen));
-  auto server =
-      HttpServer::Start("127.0.0.1", 0, [&](const HttpRequest& r) { return api.Handle(r); });
-  ASSERT_TRUE(server.ok()) << server.status();
-  const int port = (*server)->port();
+  testing::InProcessGatewayOptions o = testing::NoWorkerGatewayOptions();
+  o.model.context_length = 65536;
+  o.model.aliases = {"*"};
+  auto gateway = testing::InProcessGateway::Start(std::move(o), tok->get());
+  ASSERT_TRUE(gateway.ok()) << gateway.status();
+  const int port = (*gateway)->port();
 
   auto r = testing::HttpRequest(port, "POST", "/v1/messages/count_tokens?beta=true", fixture);
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(r->status, 200) << r->body;
   std::vector<int32_t> ids;
-  Generator core(model, tok->get(), gen);
-  ASSERT_FALSE(core.PromptIds(req.input, &ids).has_value());
+  ASSERT_FALSE((*gateway)->core().PromptIds(req.input, &ids).has_value());
   EXPECT_EQ(json::parse(r->body)["input_tokens"], ids.size());
   EXPECT_GT(ids.size(), 5000u);
 
@@ -716,7 +694,6 @@ TEST(MessagesApiTest, CodingAgentRequestWorks) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->status, 503) << r->body;
   EXPECT_EQ(json::parse(r->body)["error"]["type"], "overloaded_error") << r->body;
-  (*server)->Stop();
 }
 
 }  // namespace

@@ -63,11 +63,16 @@ std::string FinishReason(const chat::ParsedMessage& m, bool length) {
   return length ? "length" : "stop";
 }
 
-json UsageJson(uint32_t prompt, uint32_t completion) {
+// `cached`: prompt tokens loaded from the kv-store (part of `prompt`, as in OpenAI's usage).
+json UsageWithCache(uint32_t prompt, uint32_t completion, uint32_t cached) {
   return {{"prompt_tokens", prompt},
           {"completion_tokens", completion},
           {"total_tokens", prompt + completion},
-          {"prompt_tokens_details", {{"cached_tokens", 0}}}};
+          {"prompt_tokens_details", {{"cached_tokens", cached}}}};
+}
+
+json UsageJson(uint32_t prompt, uint32_t completion) {
+  return UsageWithCache(prompt, completion, 0);
 }
 
 // One choice of a non-streamed chat.completion.
@@ -150,7 +155,7 @@ class OpenAiSink : public GenerationSink {
   void Finish(const GenerationOutcome& o) override {
     const chat::ParsedMessage& m = *o.message;
     const std::string finish = FinishReason(m, o.length);
-    const json usage = UsageJson(o.prompt_tokens, o.completion_tokens);
+    const json usage = UsageWithCache(o.prompt_tokens, o.completion_tokens, o.cached_prompt_tokens);
     if (request_.stream) {
       if (!streaming_ && !StartStream()) return;
       // Tokens whose text was held back (a stop string's prefix, markup) ride on the last chunk.

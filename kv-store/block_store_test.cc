@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -264,6 +265,29 @@ class DiskTierTest : public ::testing::Test {
     }
     return out;
   }
+  // The only segment file (the tests that use it write less than one segment).
+  std::string Segment() {
+    auto files = Files(".seg");
+    EXPECT_EQ(files.size(), 1u);
+    return files.empty() ? "" : files[0];
+  }
+  // Offset of the block's record in Segment(), as a fresh scan finds it.
+  uint64_t RecordOf(const TestBlock& b) {
+    DiskTier disk(dir_, false);
+    EXPECT_TRUE(disk.Scan().ok());
+    auto where = disk.Locate(b.key.tenant, b.key.chain_hash);
+    EXPECT_TRUE(where.has_value());
+    return where ? where->second : 0;
+  }
+  void FlipByte(uint64_t offset) {
+    std::fstream f(Segment(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(offset));
+    char c;
+    f.read(&c, 1);
+    c = static_cast<char>(c ^ 0x10);
+    f.seekp(static_cast<std::streamoff>(offset));
+    f.write(&c, 1);
+  }
   std::string dir_;
 };
 
@@ -277,7 +301,7 @@ TEST_F(DiskTierTest, BlocksAreWrittenThroughAndARestartedStoreServesThem) {
     EXPECT_EQ(UsageOf(*store, "disk").blocks, 3u);
     EXPECT_EQ(UsageOf(*store, "memory").blocks, 3u);
   }
-  EXPECT_EQ(Files(".blk").size(), 3u);
+  EXPECT_EQ(Files(".seg").size(), 1u);  // appended to one segment
   auto store = OpenStore(WithDisk(dir_, 1 << 20, 1 << 24));
   EXPECT_EQ(UsageOf(*store, "disk").blocks, 3u);
   EXPECT_EQ(UsageOf(*store, "memory").blocks, 0u);
@@ -297,60 +321,107 @@ TEST_F(DiskTierTest, BlocksAreWrittenThroughAndARestartedStoreServesThem) {
 
 TEST_F(DiskTierTest, AFlippedByteInABlockFileIsDataLossAndTheBlockIsDropped) {
   TestBlock b = Block("acme", 101, 128, Bytes(1, 4096));
-  { ASSERT_TRUE(Put(*OpenStore(WithDisk(dir_, 1 << 20, 1 << 24)), b).ok()); }
-  auto files = Files(".blk");
-  ASSERT_EQ(files.size(), 1u);
+  TestBlock after = Block("acme", 102, 256, Bytes(2, 4096), &b);
   {
-    std::fstream f(files[0], std::ios::in | std::ios::out | std::ios::binary);
-    f.seekg(-100, std::ios::end);
-    char c;
-    f.read(&c, 1);
-    c = static_cast<char>(c ^ 0x10);
-    f.seekp(-100, std::ios::end);
-    f.write(&c, 1);
+    auto store = OpenStore(WithDisk(dir_, 1 << 20, 1 << 24));
+    ASSERT_TRUE(Put(*store, b).ok());
+    ASSERT_TRUE(Put(*store, after).ok());  // b is not the segment's tail: no check at start
   }
+  FlipByte(RecordOf(b) + DiskTier::FileBytes("acme", 0) + 4000);
   prometheus::Registry registry;
   KvStoreMetrics metrics(registry);
   auto store = OpenStore(WithDisk(dir_, 1 << 20, 1 << 24), &metrics);
-  EXPECT_EQ(UsageOf(*store, "disk").blocks, 1u);  // the header is intact: found at start
+  EXPECT_EQ(UsageOf(*store, "disk").blocks, 2u);  // the header is intact: found at start
   auto got = store->Get(b.key);
   EXPECT_TRUE(absl::IsDataLoss(got.status())) << got.status();
   EXPECT_TRUE(absl::IsNotFound(store->Get(b.key).status()));
-  EXPECT_EQ(UsageOf(*store, "disk").blocks, 0u);
-  EXPECT_TRUE(Files(".blk").empty());
+  EXPECT_EQ(UsageOf(*store, "disk").blocks, 1u);
   EXPECT_EQ(metrics.disk.corrupt->Value(), 1);
   EXPECT_EQ(store->LookupPrefix("acme", {101}).size(), 0u);
+  // The drop is on disk too: a restart does not bring the corrupt record back.
+  store.reset();
+  store = OpenStore(WithDisk(dir_, 1 << 20, 1 << 24));
+  EXPECT_EQ(UsageOf(*store, "disk").blocks, 1u);
+  EXPECT_TRUE(absl::IsNotFound(store->Get(b.key).status()));
+  EXPECT_EQ(*store->Get(after.key)->data, after.data);
   // Stored again (recomputed), it is served again.
   EXPECT_TRUE(*Put(*store, b));
   EXPECT_EQ(*store->Get(b.key)->data, b.data);
 }
 
-TEST_F(DiskTierTest, TornAndCorruptFilesFoundAtStartAreDropped) {
-  TestBlock good = Block("acme", 1, 128, Bytes(1, 5000));
-  TestBlock torn = Block("acme", 2, 128, Bytes(2, 5000));
-  TestBlock bad_header = Block("acme", 3, 128, Bytes(3, 5000));
+TEST_F(DiskTierTest, ATornTailIsCutOffAtStartAndNeverServed) {
+  TestBlock a = Block("acme", 1, 128, Bytes(1, 5000));
+  TestBlock b = Block("acme", 2, 256, Bytes(2, 5000), &a);
+  TestBlock c = Block("acme", 3, 384, Bytes(3, 5000), &b);
   {
     auto store = OpenStore(WithDisk(dir_, 1 << 20, 1 << 24));
-    for (const TestBlock* x : {&good, &torn, &bad_header}) ASSERT_TRUE(Put(*store, *x).ok());
+    for (const TestBlock* x : {&a, &b, &c}) ASSERT_TRUE(Put(*store, *x, "s").ok());
   }
-  DiskTier disk(dir_, false);
-  ASSERT_EQ(::truncate(disk.BlockPath("acme", 2).c_str(), 3000), 0);
+  // A crash in the middle of appending c: its record stops 3000 bytes into the data.
+  const uint64_t c_at = RecordOf(c);
+  ASSERT_EQ(::truncate(Segment().c_str(), c_at + DiskTier::FileBytes("acme", 0) + 3000), 0);
+  // Garbage of an old layout's tenant directory is cleared too.
+  std::filesystem::create_directories(dir_ + "/t61636d65");
+  std::ofstream(dir_ + "/t61636d65/0000000000000009.7.tmp") << "partial";
+  prometheus::Registry registry;
+  KvStoreMetrics metrics(registry);
+  auto store = OpenStore(WithDisk(dir_, 1 << 20, 1 << 24), &metrics);
+  EXPECT_EQ(UsageOf(*store, "disk").blocks, 2u);
+  EXPECT_EQ(metrics.disk.corrupt->Value(), 1);
+  EXPECT_EQ(std::filesystem::file_size(Segment()), c_at);  // cut where c began
+  EXPECT_FALSE(std::filesystem::exists(dir_ + "/t61636d65"));
+  EXPECT_EQ(*store->Get(a.key)->data, a.data);
+  EXPECT_EQ(*store->Get(b.key)->data, b.data);
+  EXPECT_TRUE(absl::IsNotFound(store->Get(c.key).status()));
+  EXPECT_EQ(store->LookupPrefix("acme", {1, 2, 3}).size(), 2u);
+  // Appends continue after the cut, and a restart finds them.
+  EXPECT_TRUE(*Put(*store, c));
+  store.reset();
+  store = OpenStore(WithDisk(dir_, 1 << 20, 1 << 24));
+  EXPECT_EQ(store->LookupPrefix("acme", {1, 2, 3}).size(), 3u);
+  EXPECT_EQ(*store->Get(c.key)->data, c.data);
+}
+
+TEST_F(DiskTierTest, ATailOfTheRightLengthButWrongBytesIsCutOffToo) {
+  // What a power loss without --disk-fsync can leave: the length made it, the data did not.
+  TestBlock a = Block("acme", 1, 128, Bytes(1, 5000));
+  TestBlock b = Block("acme", 2, 256, Bytes(2, 5000), &a);
   {
-    std::fstream f(disk.BlockPath("acme", 3), std::ios::in | std::ios::out | std::ios::binary);
-    f.seekp(20);
-    f.write("\x55", 1);  // inside the chain hash: the header CRC no longer matches
+    auto store = OpenStore(WithDisk(dir_, 1 << 20, 1 << 24));
+    for (const TestBlock* x : {&a, &b}) ASSERT_TRUE(Put(*store, *x).ok());
   }
-  std::ofstream(dir_ + "/t" + std::string("61636d65") + "/0000000000000009.7.tmp") << "partial";
+  const uint64_t b_at = RecordOf(b);
+  FlipByte(b_at + DiskTier::FileBytes("acme", 0) + 4999);
   prometheus::Registry registry;
   KvStoreMetrics metrics(registry);
   auto store = OpenStore(WithDisk(dir_, 1 << 20, 1 << 24), &metrics);
   EXPECT_EQ(UsageOf(*store, "disk").blocks, 1u);
-  EXPECT_EQ(metrics.disk.corrupt->Value(), 3);
-  EXPECT_TRUE(store->Get(good.key).ok());
-  EXPECT_TRUE(absl::IsNotFound(store->Get(torn.key).status()));
-  EXPECT_TRUE(absl::IsNotFound(store->Get(bad_header.key).status()));
-  EXPECT_EQ(Files(".blk").size(), 1u);
-  EXPECT_TRUE(Files(".tmp").empty());
+  EXPECT_EQ(metrics.disk.corrupt->Value(), 1);
+  EXPECT_EQ(std::filesystem::file_size(Segment()), b_at);
+  EXPECT_TRUE(absl::IsNotFound(store->Get(b.key).status()));
+  EXPECT_EQ(*store->Get(a.key)->data, a.data);
+}
+
+TEST_F(DiskTierTest, ACorruptHeaderEndsItsSegmentThere) {
+  TestBlock a = Block("acme", 1, 128, Bytes(1, 5000));
+  TestBlock b = Block("acme", 2, 128, Bytes(2, 5000));
+  TestBlock c = Block("acme", 3, 128, Bytes(3, 5000));
+  {
+    auto store = OpenStore(WithDisk(dir_, 1 << 20, 1 << 24));
+    for (const TestBlock* x : {&a, &b, &c}) ASSERT_TRUE(Put(*store, *x).ok());
+  }
+  const uint64_t b_at = RecordOf(b);
+  FlipByte(b_at + 20);  // inside the chain hash: the header CRC no longer matches
+  prometheus::Registry registry;
+  KvStoreMetrics metrics(registry);
+  auto store = OpenStore(WithDisk(dir_, 1 << 20, 1 << 24), &metrics);
+  // Without b's length nothing after it can be found: c goes with it, never a misparse.
+  EXPECT_EQ(UsageOf(*store, "disk").blocks, 1u);
+  EXPECT_EQ(metrics.disk.corrupt->Value(), 1);
+  EXPECT_EQ(std::filesystem::file_size(Segment()), b_at);
+  EXPECT_TRUE(store->Get(a.key).ok());
+  EXPECT_TRUE(absl::IsNotFound(store->Get(b.key).status()));
+  EXPECT_TRUE(absl::IsNotFound(store->Get(c.key).status()));
 }
 
 TEST_F(DiskTierTest, DiskTierEvictsWithinItsCapacityButNeverReferencedBlocks) {
@@ -371,13 +442,16 @@ TEST_F(DiskTierTest, DiskTierEvictsWithinItsCapacityButNeverReferencedBlocks) {
   EXPECT_EQ(disk.blocks, 3u);
   EXPECT_EQ(disk.bytes, 3 * file);
   EXPECT_EQ(disk.evictions, 1u);
-  EXPECT_EQ(Files(".blk").size(), 3u);
   // A smaller capacity at the next start shrinks the tier (references do not survive a
   // restart: the sequences that held them re-put their blocks).
   store.reset();
   auto smaller = OpenStore(WithDisk(dir_, 1 << 20, 2 * file));
   EXPECT_EQ(UsageOf(*smaller, "disk").blocks, 2u);
-  EXPECT_EQ(Files(".blk").size(), 2u);
+  // Evictions are on disk: a start with room again does not bring them back.
+  smaller.reset();
+  auto again = OpenStore(WithDisk(dir_, 1 << 20, 3 * file));
+  EXPECT_EQ(UsageOf(*again, "disk").blocks, 2u);
+  EXPECT_FALSE(Stored(*again, b));
 }
 
 TEST_F(DiskTierTest, MemoryIsACacheOfDiskAndBlocksLargerThanMemoryStayOnDisk) {
@@ -444,10 +518,155 @@ TEST_F(DiskTierTest, ConcurrentPutsAndGetsOfSharedKeysStayConsistent) {
   TierUsage disk = UsageOf(*store, "disk");
   EXPECT_LE(disk.bytes, 12 * file);
   EXPECT_EQ(disk.bytes, disk.blocks * file);
-  EXPECT_EQ(Files(".blk").size(), disk.blocks);
-  EXPECT_TRUE(Files(".tmp").empty());
   EXPECT_LE(UsageOf(*store, "memory").bytes, 5u * 2000);
   for (int k = 0; k < 3; ++k) EXPECT_TRUE(Stored(*store, Block("t", 1 + k, 128, "")));
+  // The segments hold exactly the blocks the index has.
+  store.reset();
+  store = OpenStore(WithDisk(dir_, 5 * 2000, 12 * file));
+  EXPECT_EQ(UsageOf(*store, "disk").blocks, disk.blocks);
+  for (int k = 0; k < kKeys; ++k) {
+    auto got = store->Get(Block("t", 1 + k, 128, "").key);
+    if (got.ok()) {
+      EXPECT_EQ(*got->data, Bytes(k, 2000)) << k;
+    }
+  }
+}
+
+// Writes a block straight through a DiskTier, as BlockStore::Put does.
+void Append(DiskTier& disk, const std::string& tenant, uint64_t hash, const std::string& data) {
+  BlockFileHeader h;
+  h.tenant = tenant;
+  h.chain_hash = hash;
+  h.end_position = 128;
+  h.data_bytes = data.size();
+  h.data_crc32c = Crc32c(data);
+  auto token = disk.WriteTemp(h, data, 0);
+  ASSERT_TRUE(token.ok()) << token.status();
+  ASSERT_TRUE(disk.Publish(*token, tenant, hash).ok());
+}
+
+absl::StatusOr<std::string> ReadBack(DiskTier& disk, const std::string& tenant, uint64_t hash,
+                                     const std::string& data) {
+  BlockFileHeader h;
+  h.tenant = tenant;
+  h.chain_hash = hash;
+  h.end_position = 128;
+  h.data_bytes = data.size();
+  h.data_crc32c = Crc32c(data);
+  return disk.Read(h);
+}
+
+TEST_F(DiskTierTest, SegmentsAreDeletedWholeAndSurvivorsAreCopiedForward) {
+  const uint64_t record = DiskTier::FileBytes("t", 1000);
+  DiskTierOptions o;
+  o.segment_bytes = 4 * record;  // four records a segment
+  o.dead_fraction = 0.25;
+  DiskTier disk(dir_, false, o);
+  ASSERT_TRUE(disk.Init().ok());
+  ASSERT_TRUE(disk.Scan().ok());
+  for (uint64_t k = 1; k <= 12; ++k) Append(disk, "t", k, Bytes(k, 1000));
+  EXPECT_EQ(disk.Stats().segments, 3u);  // 1-4, 5-8, 9-12 (the current one)
+  const std::string first_segment = disk.Locate("t", 1)->first;
+  // Segment 2 dies whole: deleted at the next append, nothing copied.
+  for (uint64_t k = 5; k <= 8; ++k) disk.Remove("t", k);
+  // Segment 1 loses one record; the rest are what the block store keeps (referenced or recently
+  // used).
+  disk.Remove("t", 2);
+  Append(disk, "t", 13, Bytes(13, 1000));
+  DiskTierStats s = disk.Stats();
+  EXPECT_EQ(s.deleted_segments, 1u);
+  EXPECT_EQ(s.compactions, 0u);  // 1 dead record is within the budget (one segment)
+  EXPECT_EQ(s.copied_records, 0u);
+  EXPECT_TRUE(std::filesystem::exists(first_segment));
+  // More dead records in segments 1 and 3 push the dead bytes of sealed segments (5 records)
+  // over the budget (one segment, 4): segment 1, the one with the most, is compacted.
+  disk.Remove("t", 3);
+  disk.Remove("t", 4);
+  disk.Remove("t", 9);
+  disk.Remove("t", 10);
+  Append(disk, "t", 14, Bytes(14, 1000));
+  s = disk.Stats();
+  EXPECT_EQ(s.compactions, 1u);
+  EXPECT_EQ(s.copied_records, 1u);  // block 1
+  EXPECT_FALSE(std::filesystem::exists(first_segment));
+  EXPECT_NE(disk.Locate("t", 1)->first, first_segment);
+  for (uint64_t k : {1, 11, 12, 13, 14}) {
+    auto got = ReadBack(disk, "t", k, Bytes(k, 1000));
+    ASSERT_TRUE(got.ok()) << k << ": " << got.status();
+    EXPECT_EQ(*got, Bytes(k, 1000)) << k;
+  }
+  for (uint64_t k : {2, 3, 4, 5, 9, 10}) {
+    EXPECT_TRUE(absl::IsNotFound(ReadBack(disk, "t", k, Bytes(k, 1000)).status())) << k;
+  }
+  EXPECT_EQ(s.live_bytes, 5 * record);
+  EXPECT_EQ(s.segments, 2u);  // 3 (11, 12) and 4 (13, 14, 1)
+  // A restart finds each survivor once, and none of the removed blocks.
+  DiskTier again(dir_, false, o);
+  auto scan = again.Scan();
+  ASSERT_TRUE(scan.ok()) << scan.status();
+  std::vector<uint64_t> found;
+  for (const ScannedBlock& b : scan->blocks) found.push_back(b.header.chain_hash);
+  std::sort(found.begin(), found.end());
+  EXPECT_EQ(found, (std::vector<uint64_t>{1, 11, 12, 13, 14}));
+  EXPECT_EQ(scan->dropped_files, 0);
+  EXPECT_EQ(*ReadBack(again, "t", 1, Bytes(1, 1000)), Bytes(1, 1000));
+}
+
+TEST_F(DiskTierTest, ADiscardedAppendIsNotFoundAfterARestart) {
+  DiskTier disk(dir_, false);
+  ASSERT_TRUE(disk.Init().ok());
+  ASSERT_TRUE(disk.Scan().ok());
+  const std::string data = Bytes(1, 1000);
+  BlockFileHeader h;
+  h.tenant = "t";
+  h.chain_hash = 7;
+  h.end_position = 128;
+  h.data_bytes = data.size();
+  h.data_crc32c = Crc32c(data);
+  auto token = disk.WriteTemp(h, data, 0);
+  ASSERT_TRUE(token.ok());
+  DiskTier::RemovePath(*token);  // the put lost a race to an identical one
+  Append(disk, "t", 8, Bytes(8, 1000));
+  DiskTier again(dir_, false);
+  auto scan = again.Scan();
+  ASSERT_TRUE(scan.ok());
+  ASSERT_EQ(scan->blocks.size(), 1u);
+  EXPECT_EQ(scan->blocks[0].header.chain_hash, 8u);
+}
+
+TEST_F(DiskTierTest, TheStoreEvictsBySegmentAndCopiesReferencedBlocksForward) {
+  const uint64_t record = DiskTier::FileBytes("t", 1000);
+  DiskTierOptions o;
+  o.segment_bytes = 4 * record;
+  DiskTier::ScopedDefaultOptionsForTesting small_segments(o);
+  const uint64_t capacity = 8 * record;
+  auto store = OpenStore(WithDisk(dir_, 1, capacity));  // memory holds nothing
+  TestBlock pinned = Block("t", 1, 128, Bytes(1, 1000));
+  ASSERT_TRUE(Put(*store, pinned, "live").ok());
+  const std::string first_segment = dir_ + "/0000000000000001.seg";
+  ASSERT_TRUE(std::filesystem::exists(first_segment));
+  for (int k = 2; k <= 40; ++k) {
+    ASSERT_TRUE(Put(*store, Block("t", k, 128, Bytes(k, 1000))).ok()) << k;
+    // However the blocks die, the files stay within the live bytes' budget.
+    uint64_t on_disk = 0;
+    for (const std::string& f : Files(".seg")) on_disk += std::filesystem::file_size(f);
+    EXPECT_LE(on_disk, capacity + 4 * record /* dead budget */ + 2 * 4 * record) << k;
+  }
+  // The pinned block's first segment was deleted; the block itself was copied forward.
+  EXPECT_FALSE(std::filesystem::exists(first_segment));
+  auto got = store->Get(pinned.key);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got->data, pinned.data);
+  const TierUsage disk = UsageOf(*store, "disk");
+  EXPECT_EQ(disk.blocks, 8u);
+  for (int k = 34; k <= 40; ++k) EXPECT_TRUE(Stored(*store, Block("t", k, 128, ""))) << k;
+  store.reset();
+  store = OpenStore(WithDisk(dir_, 1, capacity));
+  EXPECT_EQ(UsageOf(*store, "disk").blocks, 8u);
+  EXPECT_EQ(*store->Get(pinned.key)->data, pinned.data);
+  for (int k = 34; k <= 40; ++k) {
+    EXPECT_EQ(*store->Get(Block("t", k, 128, "").key)->data, Bytes(k, 1000)) << k;
+  }
 }
 
 }  // namespace

@@ -419,11 +419,9 @@ class GatewayStreamingTest : public ::testing::TestWithParam<StopIdMode> {
  protected:
   void SetUp() override {
     // Loaded once, on the first test; every test fails with the reason if it cannot be.
-    static absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>>* loaded =
-        new absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>>(
-            tokenizer::LoadDefaultTokenizer());
-    ASSERT_TRUE(loaded->ok()) << loaded->status();
-    tokenizer_ = loaded->value().get();
+    const auto& loaded = testing::SharedDefaultTokenizer();
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    tokenizer_ = loaded->get();
     completion_ = BuildCompletion();
     for (int32_t id : tokenizer_->Encode(completion_.raw, /*match_added_tokens=*/true)) {
       ids_.push_back(static_cast<uint32_t>(id));
@@ -514,6 +512,29 @@ class GatewayStreamingTest : public ::testing::TestWithParam<StopIdMode> {
   // completion_tokens / output_tokens: the generated ids, the end-of-sentence id not counted
   // whether or not the worker sends it (docs/gateway.md).
   size_t GeneratedIds() const { return ids_.size() - 1; }
+
+  // The answer to `body` on `target`, not streamed: 200 and JSON.
+  void PostWhole(const std::string& target, const json& body, json* answer) {
+    auto whole = testing::HttpRequest(gateway_->port(), "POST", target, body.dump(),
+                                      absl::Seconds(60));
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    ASSERT_EQ(whole->status, 200) << whole->body;
+    *answer = json::parse(whole->body);
+  }
+
+  // What the client put together from the stream (progress_) is the completion: the same
+  // reasoning, text, and calls with the same names and JSON arguments.
+  void ExpectStreamedTheCompletion() {
+    EXPECT_EQ(progress_.reasoning, completion_.reasoning);
+    EXPECT_EQ(progress_.content, completion_.content);
+    ASSERT_EQ(progress_.calls.size(), completion_.calls.size());
+    for (size_t i = 0; i < completion_.calls.size(); ++i) {
+      EXPECT_EQ(progress_.calls[i].name, completion_.calls[i].name);
+      json args = json::parse(progress_.calls[i].arguments, nullptr, false);
+      ASSERT_FALSE(args.is_discarded()) << "not JSON: " << progress_.calls[i].arguments;
+      EXPECT_EQ(args, completion_.calls[i].Arguments());
+    }
+  }
 
   void CheckRecordedRequest(const v1::SequenceRequest& r) {
     EXPECT_FALSE(r.sequence_id().empty());
@@ -681,15 +702,7 @@ TEST_P(GatewayStreamingTest, OpenAiStreamsEveryPartAsItArrives) {
   EXPECT_EQ(usage_chunks, 1);
 
   // The concatenated stream is the completion.
-  EXPECT_EQ(progress_.reasoning, completion_.reasoning);
-  EXPECT_EQ(progress_.content, completion_.content);
-  ASSERT_EQ(progress_.calls.size(), completion_.calls.size());
-  for (size_t i = 0; i < completion_.calls.size(); ++i) {
-    EXPECT_EQ(progress_.calls[i].name, completion_.calls[i].name);
-    json args = json::parse(progress_.calls[i].arguments, nullptr, false);
-    ASSERT_FALSE(args.is_discarded()) << "not JSON: " << progress_.calls[i].arguments;
-    EXPECT_EQ(args, completion_.calls[i].Arguments());
-  }
+  ASSERT_NO_FATAL_FAILURE(ExpectStreamedTheCompletion());
   ASSERT_EQ(gateway_->worker().requests().size(), 1u);
   const v1::SequenceRequest r = gateway_->worker().requests()[0];
   CheckRecordedRequest(r);
@@ -699,11 +712,8 @@ TEST_P(GatewayStreamingTest, OpenAiStreamsEveryPartAsItArrives) {
 
   // The same request not streamed: the same message.
   const Progress streamed = progress_;
-  auto whole = testing::HttpRequest(gateway_->port(), "POST", "/v1/chat/completions",
-                                    OpenAiRequest(false).dump(), absl::Seconds(60));
-  ASSERT_TRUE(whole.ok()) << whole.status();
-  ASSERT_EQ(whole->status, 200) << whole->body;
-  json w = json::parse(whole->body);
+  json w;
+  ASSERT_NO_FATAL_FAILURE(PostWhole("/v1/chat/completions", OpenAiRequest(false), &w));
   const json& m = w["choices"][0]["message"];
   EXPECT_EQ(w["choices"][0]["finish_reason"], "tool_calls");
   EXPECT_EQ(m["reasoning_content"], streamed.reasoning);
@@ -819,23 +829,12 @@ TEST_P(GatewayStreamingTest, AnthropicStreamsEveryBlockAsItArrives) {
   EXPECT_EQ(types, expected_types);
   EXPECT_TRUE(signature[0]) << "the thinking block has no signature_delta";
 
-  EXPECT_EQ(progress_.reasoning, completion_.reasoning);
-  EXPECT_EQ(progress_.content, completion_.content);
-  ASSERT_EQ(progress_.calls.size(), completion_.calls.size());
-  for (size_t i = 0; i < completion_.calls.size(); ++i) {
-    EXPECT_EQ(progress_.calls[i].name, completion_.calls[i].name);
-    json input = json::parse(progress_.calls[i].arguments, nullptr, false);
-    ASSERT_FALSE(input.is_discarded()) << "not JSON: " << progress_.calls[i].arguments;
-    EXPECT_EQ(input, completion_.calls[i].Arguments());
-  }
+  ASSERT_NO_FATAL_FAILURE(ExpectStreamedTheCompletion());
 
   // Not streamed: the same blocks.
   const Progress streamed = progress_;
-  auto whole = testing::HttpRequest(gateway_->port(), "POST", "/v1/messages",
-                                    AnthropicRequest(false).dump(), absl::Seconds(60));
-  ASSERT_TRUE(whole.ok()) << whole.status();
-  ASSERT_EQ(whole->status, 200) << whole->body;
-  json w = json::parse(whole->body);
+  json w;
+  ASSERT_NO_FATAL_FAILURE(PostWhole("/v1/messages", AnthropicRequest(false), &w));
   EXPECT_EQ(w["stop_reason"], "tool_use");
   EXPECT_EQ(w["usage"]["output_tokens"], GeneratedIds());
   ASSERT_EQ(w["content"].size(), 2 + streamed.calls.size()) << w.dump();

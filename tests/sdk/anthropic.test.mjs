@@ -71,6 +71,10 @@ function checkEventGrammar(events) {
   return { start: seq[0], delta: seq.at(-2), blocks };
 }
 
+// The whole prompt: Anthropic's input_tokens count only what follows the last cache hit (a
+// prefix the kv-store held is in cache_read_input_tokens), and count_tokens counts it all.
+const promptTokens = (u) => u.input_tokens + (u.cache_read_input_tokens ?? 0);
+
 function assertMessageShape(m, maxTokens) {
   assert.equal(m.type, 'message');
   assert.equal(m.role, 'assistant');
@@ -130,7 +134,7 @@ test('messages.countTokens equals usage.input_tokens of the same request', async
   const ref = await referenceMessage();
   const { max_tokens, temperature, ...countable } = await greedy();
   const counted = await client.messages.countTokens(countable);
-  assert.equal(counted.input_tokens, ref.usage.input_tokens);
+  assert.equal(counted.input_tokens, promptTokens(ref.usage));
   // A different prompt is counted differently: the count is of this request.
   const longer = await client.messages.countTokens({
     ...countable, messages: [{ role: 'user', content: `${USER} ${USER}` }],
@@ -186,10 +190,10 @@ test('tools: accepted, counted, a valid message; a tool_result turn is accepted'
   const params = await greedy({ tools: TOOLS, tool_choice: { type: 'auto' } });
   const m = await client.messages.create(params);
   assertToolMessage(m);
-  assert.ok(m.usage.input_tokens > plain.usage.input_tokens,
-    `${m.usage.input_tokens} input tokens with tools, ${plain.usage.input_tokens} without`);
+  assert.ok(promptTokens(m.usage) > promptTokens(plain.usage),
+    `${promptTokens(m.usage)} prompt tokens with tools, ${promptTokens(plain.usage)} without`);
   const { max_tokens, temperature, ...countable } = params;
-  assert.equal((await client.messages.countTokens(countable)).input_tokens, m.usage.input_tokens);
+  assert.equal((await client.messages.countTokens(countable)).input_tokens, promptTokens(m.usage));
 
   // Streamed: the same blocks; a tool_use block gets only input_json_delta (checked by the grammar).
   const { events, final } = await streamAll(params);
@@ -212,7 +216,7 @@ test('tools: accepted, counted, a valid message; a tool_result turn is accepted'
     ],
   }));
   assertToolMessage(followUp);
-  assert.ok(followUp.usage.input_tokens > m.usage.input_tokens);
+  assert.ok(promptTokens(followUp.usage) > promptTokens(m.usage));
 });
 
 test('thinking: a thinking block before the text, streamed as thinking_delta', async () => {

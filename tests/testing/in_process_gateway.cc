@@ -1,16 +1,34 @@
 #include "tests/testing/in_process_gateway.h"
 
+#include <string>
 #include <utility>
 
 namespace expertmesh::testing {
 
+const absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>>& SharedDefaultTokenizer() {
+  static const auto* loaded =
+      new absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>>(tokenizer::LoadDefaultTokenizer());
+  return *loaded;
+}
+
+InProcessGatewayOptions NoWorkerGatewayOptions() {
+  InProcessGatewayOptions o;
+  o.start_worker = false;
+  o.model.id = std::string("m");  // GCC 12 warns falsely (-Wrestrict) on assigning the literal
+  o.generation.router = "127.0.0.1:1";
+  o.generation.pick_timeout = absl::Milliseconds(300);
+  return o;
+}
+
 absl::StatusOr<std::unique_ptr<InProcessGateway>> InProcessGateway::Start(
     InProcessGatewayOptions options, const tokenizer::Tokenizer* tokenizer) {
   std::unique_ptr<InProcessGateway> g(new InProcessGateway());
-  auto w = ScriptedAttentionWorker::Start(std::move(options.worker));
-  if (!w.ok()) return w.status();
-  g->worker_ = std::move(*w);
-  options.generation.attention_worker = g->worker_->address();
+  if (options.start_worker) {
+    auto w = ScriptedAttentionWorker::Start(std::move(options.worker));
+    if (!w.ok()) return w.status();
+    g->worker_ = std::move(*w);
+    options.generation.attention_worker = g->worker_->address();
+  }
   if (options.metrics) {
     g->metrics_ = std::make_unique<gateway::GatewayMetrics>(g->registry_);
     options.generation.metrics = g->metrics_.get();

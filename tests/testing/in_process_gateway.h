@@ -17,7 +17,13 @@
 
 namespace expertmesh::testing {
 
+// The default tokenizer, loaded on the first call and kept for the whole process (tests share
+// it; loading it again per test is slow), or why it could not be loaded.
+const absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>>& SharedDefaultTokenizer();
+
 struct InProcessGatewayOptions {
+  // false: no scripted worker (worker() is not there), `generation` is used as given.
+  bool start_worker = true;
   ScriptedWorkerOptions worker;
   gateway::ModelInfo model;
   // Its attention_worker is set to the scripted worker's address.
@@ -26,6 +32,10 @@ struct InProcessGatewayOptions {
   bool metrics = false;
   int http_threads = 1;
 };
+
+// No worker: model "m", a router address where nothing listens and a short pick timeout, so a
+// generation that gets as far as picking a worker answers 503 at once.
+InProcessGatewayOptions NoWorkerGatewayOptions();
 
 class InProcessGateway {
  public:

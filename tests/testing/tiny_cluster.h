@@ -11,9 +11,16 @@
 
 namespace expertmesh::testing {
 
-// Makes the tiny model (`expertmesh make-model --preset tiny --seed 0`) as `dir`/tiny (its log in
-// `dir`/make-model.log) and starts one attention worker, one expert worker, the kv-store and a
-// gateway on it, every port picked freely, quiet. `extra_gateway_args` go to the gateway.
+// Makes the tiny model (`expertmesh make-model --preset tiny --seed 0`) as `dir`/tiny, its log in
+// `dir`/make-model.log; returns the model's directory.
+absl::StatusOr<std::string> MakeTinyModel(const std::string& dir);
+
+// One attention worker, one expert worker, the kv-store and a gateway on `model_dir`, every port
+// picked freely, quiet.
+cli::LocalClusterOptions TinyGatewayClusterOptions(const std::string& model_dir);
+
+// Both: the tiny model under `dir` and that cluster on it; `extra_gateway_args` go to the
+// gateway.
 absl::StatusOr<std::unique_ptr<cli::LocalCluster>> StartTinyGatewayCluster(
     const std::string& dir, const std::vector<std::string>& extra_gateway_args = {});
 
