@@ -303,8 +303,10 @@ absl::Status LocalCluster::Plan() {
                     o.extra_expert_worker_args.end());
     } else if (m.kind == "kv-store") {
       // Blocks on disk survive a restart of the store (and of `up` with the same --run-dir).
+      // Without a run dir (tests) the blocks go with the logs, never to a shared path.
       if (BinaryHasFlag(m.binary, "disk-dir")) {
-        m.args.push_back("--disk-dir=" + o.run_dir + "/kv-store");
+        m.args.push_back("--disk-dir=" + (o.run_dir.empty() ? o.log_dir : o.run_dir) +
+                         "/kv-store");
       }
     } else if (m.kind == "gateway") {
       // The gateway's drain (finish running streams) must end before Stop's gateway phase does,

@@ -1,5 +1,6 @@
 #include "gateway/completions_api.h"
 
+#include <algorithm>
 #include <mutex>
 #include <utility>
 
@@ -111,8 +112,9 @@ class ChoiceWriter : public ResponseWriter {
 class CollectSink : public GenerationSink {
  public:
   CollectSink(std::shared_ptr<ChoiceSet> set, size_t index) : set_(std::move(set)), index_(index) {}
-  bool Begin(uint32_t prompt_tokens) override {
+  bool Begin(uint32_t prompt_tokens, uint32_t cached_prompt_tokens) override {
     result_.prompt_tokens = prompt_tokens;
+    result_.cached_prompt_tokens = cached_prompt_tokens;
     return !set_->gone();
   }
   bool Delta(const chat::StreamDelta& d) override {
@@ -127,6 +129,7 @@ class CollectSink : public GenerationSink {
   void Finish(const GenerationOutcome& o) override {
     if (o.message != nullptr) result_.message = *o.message;
     result_.prompt_tokens = o.prompt_tokens;
+    result_.cached_prompt_tokens = o.cached_prompt_tokens;
     result_.completion_tokens = o.completion_tokens;
     result_.length = o.length;
     set_->Finish(index_, std::move(result_));
@@ -205,10 +208,12 @@ json CompletionLogprobs(const std::vector<GeneratedToken>& tokens, size_t* offse
           {"text_offset", std::move(offs)}};
 }
 
-json Usage(uint32_t prompt, uint32_t completion) {
+// `cached`: prompt tokens loaded from the kv-store (part of `prompt`, as in OpenAI's usage).
+json Usage(uint32_t prompt, uint32_t completion, uint32_t cached) {
   return {{"prompt_tokens", prompt},
           {"completion_tokens", completion},
-          {"total_tokens", prompt + completion}};
+          {"total_tokens", prompt + completion},
+          {"prompt_tokens_details", {{"cached_tokens", std::min(cached, prompt)}}}};
 }
 
 // The streamed answer of one choice: a chunk per delta (with the logprobs of the tokens behind
@@ -225,7 +230,7 @@ class CompletionStreamSink : public GenerationSink {
         echo_(std::move(echo)),
         created_(absl::ToUnixSeconds(absl::Now())) {}
 
-  bool Begin(uint32_t) override { return Start(); }
+  bool Begin(uint32_t, uint32_t) override { return Start(); }
   bool Tokens(const std::vector<GeneratedToken>& tokens) override {
     pending_.insert(pending_.end(), tokens.begin(), tokens.end());
     return true;
@@ -253,7 +258,7 @@ class CompletionStreamSink : public GenerationSink {
                 {"created", created_},
                 {"model", model_},
                 {"choices", json::array()},
-                {"usage", Usage(o.prompt_tokens, o.completion_tokens)}};
+                {"usage", Usage(o.prompt_tokens, o.completion_tokens, o.cached_prompt_tokens)}};
       if (!writer_->Write("data: " + Dump(c) + "\n\n")) return;
     }
     writer_->Write("data: [DONE]\n\n");
@@ -325,11 +330,14 @@ void StartChoices(Generator& core, std::vector<GenerationInput> inputs, const st
 HttpResponse ChoicesAnswer(std::string_view object, const std::string& id, int64_t created,
                            const std::string& model, const std::vector<ChoiceResult>& results,
                            const std::function<json(size_t, const ChoiceResult&)>& choice,
-                           const std::function<json(uint32_t, uint32_t)>& usage) {
+                           const std::function<json(uint32_t, uint32_t, uint32_t)>& usage) {
   json choices = json::array();
-  uint32_t prompt_tokens = 0, completion_tokens = 0;
+  uint32_t prompt_tokens = 0, completion_tokens = 0, cached_tokens = 0;
   for (size_t i = 0; i < results.size(); ++i) {
     prompt_tokens = results[i].prompt_tokens;
+    // The choices run at once, so which of them found the prompt stored is a race; the prompt
+    // is counted once, with the most any choice loaded.
+    cached_tokens = std::max(cached_tokens, results[i].cached_prompt_tokens);
     completion_tokens += results[i].completion_tokens;
     choices.push_back(choice(i, results[i]));
   }
@@ -338,7 +346,7 @@ HttpResponse ChoicesAnswer(std::string_view object, const std::string& id, int64
                {"created", created},
                {"model", model},
                {"choices", std::move(choices)},
-               {"usage", usage(prompt_tokens, completion_tokens)}};
+               {"usage", usage(prompt_tokens, completion_tokens, cached_tokens)}};
   HttpResponse r;
   r.body = Dump(body);
   return r;

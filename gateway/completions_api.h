@@ -54,6 +54,8 @@ struct ChoiceResult {
   std::string text;                    // the content deltas concatenated (plain completions)
   std::vector<GeneratedToken> tokens;  // with GenerationInput.logprobs
   uint32_t prompt_tokens = 0;
+  // Of prompt_tokens, those loaded from the kv-store (GenerationOutcome.cached_prompt_tokens).
+  uint32_t cached_prompt_tokens = 0;
   uint32_t completion_tokens = 0;
   bool length = false;  // max_tokens or the context ended it
 };
@@ -69,10 +71,13 @@ void StartChoices(Generator& core, std::vector<GenerationInput> inputs, const st
 
 // The combined answer `done` sends: {id, object, created, model, choices, usage}, choice i made
 // by `choice`. One prompt, n completions: usage counts the prompt once (as OpenAI does) and sums
-// the completions; `usage` shapes it (the two routes' usage objects differ).
-HttpResponse ChoicesAnswer(std::string_view object, const std::string& id, int64_t created,
-                           const std::string& model, const std::vector<ChoiceResult>& results,
-                           const std::function<nlohmann::json(size_t, const ChoiceResult&)>& choice,
-                           const std::function<nlohmann::json(uint32_t, uint32_t)>& usage);
+// the completions; the prompt's cached tokens are the most any choice loaded from the kv-store
+// (the choices start at once, so which of them hits is a race). `usage(prompt, completion,
+// cached)` shapes it.
+HttpResponse ChoicesAnswer(
+    std::string_view object, const std::string& id, int64_t created, const std::string& model,
+    const std::vector<ChoiceResult>& results,
+    const std::function<nlohmann::json(size_t, const ChoiceResult&)>& choice,
+    const std::function<nlohmann::json(uint32_t, uint32_t, uint32_t)>& usage);
 
 }  // namespace expertmesh::gateway

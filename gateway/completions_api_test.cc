@@ -3,12 +3,14 @@
 // scripted attention worker (what the gateway sends to the worker, and the answers' shapes).
 #include "gateway/completions_api.h"
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <set>
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "core/chat/encoder.h"
 #include "core/tokenizer/tokenizer.h"
@@ -143,9 +145,11 @@ class OpenAiRoutesTest : public ::testing::Test {
     SetCompletion(kPlain);
 
     testing::InProcessGatewayOptions o;
-    o.worker.script = [this](const v1::SequenceRequest&) {
+    o.worker.script = [this](const v1::SequenceRequest& req) {
       std::lock_guard<std::mutex> lock(mu_);
-      return reply_;
+      testing::ScriptedReply r = reply_;
+      if (cached_) r.cached_prompt_tokens = cached_(req);
+      return r;
     };
     o.model.id = "m";
     o.model.created = 1700000000;
@@ -202,6 +206,8 @@ class OpenAiRoutesTest : public ::testing::Test {
   int32_t eos_ = -1, bos_ = -1;
   std::mutex mu_;
   testing::ScriptedReply reply_;
+  // Set: the kv-store hit the worker reports for a request (ScriptedReply.cached_prompt_tokens).
+  std::function<uint32_t(const v1::SequenceRequest&)> cached_;
   std::unique_ptr<testing::InProcessGateway> gateway_;
 };
 
@@ -425,4 +431,70 @@ TEST_F(OpenAiRoutesTest, ModelById) {
 }
 
 }  // namespace
+
+// The hit the worker reports on its first message reaches every usage shape: streamed and whole,
+// one choice and n (the prompt counted once, with the most any choice loaded), OpenAI's and
+// Anthropic's (message_start carries it because Begin waits for that first message).
+TEST_F(OpenAiRoutesTest, CachedPromptTokensReachEveryUsage) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    cached_ = [](const v1::SequenceRequest& r) -> uint32_t {
+      // Choice 1 of an n > 1 answer finds more stored than the others.
+      return absl::EndsWith(r.sequence_id(), "-1") ? 3 : 2;
+    };
+  }
+  auto cached = [](const json& usage) {
+    return usage["prompt_tokens_details"]["cached_tokens"].get<int>();
+  };
+  // Longer than the hits (the usage never reports more cached than prompt tokens).
+  const std::string text = "Count from one to ten, slowly and clearly.";
+  json j = Post("/v1/completions", {{"model", "m"}, {"prompt", text}});
+  EXPECT_EQ(cached(j["usage"]), 2) << j.dump();
+  EXPECT_EQ(j["usage"]["prompt_tokens"], gateway_->worker().requests().back().prompt_ids_size());
+  EXPECT_GT(j["usage"]["prompt_tokens"].get<int>(), 3);
+
+  j = Post("/v1/completions", {{"model", "m"}, {"prompt", text}, {"n", 3}});
+  EXPECT_EQ(cached(j["usage"]), 3) << j.dump();
+
+  std::vector<std::string> events =
+      Events("/v1/completions", {{"model", "m"},
+                                 {"prompt", text},
+                                 {"stream", true},
+                                 {"stream_options", {{"include_usage", true}}}});
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(cached(json::parse(events[events.size() - 2])["usage"]), 2);
+
+  const json chat = {{"model", "m"}, {"messages", {{{"role", "user"}, {"content", "hi"}}}}};
+  json c = Post("/v1/chat/completions", chat);
+  EXPECT_EQ(cached(c["usage"]), 2) << c.dump();
+  json cn = chat;
+  cn["n"] = 2;
+  c = Post("/v1/chat/completions", cn);
+  EXPECT_EQ(cached(c["usage"]), 3) << c.dump();
+
+  json anth = {{"model", "m"},
+               {"max_tokens", 16},
+               {"messages", {{{"role", "user"}, {"content", "hi"}}}}};
+  json m = Post("/v1/messages", anth);
+  const int prompt = gateway_->worker().requests().back().prompt_ids_size();
+  EXPECT_EQ(m["usage"]["cache_read_input_tokens"], 2) << m.dump();
+  EXPECT_EQ(m["usage"]["input_tokens"], prompt - 2) << m.dump();
+  anth["stream"] = true;
+  events = Events("/v1/messages", anth);
+  ASSERT_FALSE(events.empty());
+  const json start = json::parse(events.front());
+  ASSERT_EQ(start["type"], "message_start") << events.front();
+  EXPECT_EQ(start["message"]["usage"]["cache_read_input_tokens"], 2) << events.front();
+  EXPECT_EQ(start["message"]["usage"]["input_tokens"], prompt - 2) << events.front();
+  bool delta_seen = false;
+  for (const std::string& e : events) {
+    const json d = json::parse(e);
+    if (d["type"] != "message_delta") continue;
+    delta_seen = true;
+    EXPECT_EQ(d["usage"]["cache_read_input_tokens"], 2) << e;
+    EXPECT_EQ(d["usage"]["input_tokens"], prompt - 2) << e;
+  }
+  EXPECT_TRUE(delta_seen);
+}
+
 }  // namespace expertmesh::gateway

@@ -83,6 +83,12 @@ GatewayMetrics::GatewayMetrics(prometheus::Registry& r)
                              .Help("Generations whose client hung up before the answer ended.")
                              .Register(r)
                              .Add({})),
+      resubmits(prometheus::BuildCounter()
+                    .Name("expertmesh_gateway_resubmits_total")
+                    .Help("Sequences resubmitted to another attention worker after a worker "
+                          "failure or drain.")
+                    .Register(r)
+                    .Add({})),
       active_streams(prometheus::BuildGauge()
                          .Name("expertmesh_gateway_active_streams")
                          .Help("Generations in progress (streamed or not).")

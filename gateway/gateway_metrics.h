@@ -21,6 +21,7 @@ struct GatewayMetrics {
   prometheus::Counter& prompt_tokens;      // prompt ids sent to attention workers
   prometheus::Counter& generation_tokens;  // ids the workers generated
   prometheus::Counter& client_disconnects;
+  prometheus::Counter& resubmits;  // failover: Generate calls moved to another attention worker
   prometheus::Gauge& active_streams;
   prometheus::Histogram& time_to_first_token;
   prometheus::Histogram& time_per_output_token;

@@ -442,7 +442,7 @@ class Generation final : public std::enable_shared_from_this<Generation> {
     if (max_new_ > 0 && done >= max_new_) return false;
     ++resubmits_;
     core_->resubmits_.fetch_add(1);
-    if (o.resubmits != nullptr) o.resubmits->Increment();
+    if (o.metrics != nullptr) o.metrics->resubmits.Increment();
     failed_.insert(address_);
     failed_status_ = status;
     failed_address_ = address_;
@@ -569,7 +569,7 @@ class Generation final : public std::enable_shared_from_this<Generation> {
     if (!begun_) {
       begun_ = true;
       cached_prompt_tokens_ = std::min(msg_.cached_prompt_tokens(), prompt_tokens_);
-      client_ok_ = sink_->Begin(prompt_tokens_);
+      client_ok_ = sink_->Begin(prompt_tokens_, cached_prompt_tokens_);
       Emit(prefix_delta_);
     }
     if (input_.logprobs && msg_.logprobs_size() > 0 && client_ok_) {

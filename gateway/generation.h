@@ -23,7 +23,6 @@
 #include "gateway/model_info.h"
 #include "grpcpp/channel.h"
 #include "nlohmann/json_fwd.hpp"
-#include "prometheus/counter.h"
 
 namespace expertmesh::gateway {
 
@@ -36,7 +35,7 @@ struct GenerationOptions {
   absl::Duration generate_timeout = absl::Minutes(30);
   absl::Duration pick_timeout = absl::Seconds(2);
   absl::Duration idle_interval = absl::Seconds(5);  // GenerationSink::Idle while waiting
-  // Optional (must outlive the Generator): token counts, latencies, active streams.
+  // Optional (must outlive the Generator): token counts, latencies, active streams, resubmits.
   GatewayMetrics* metrics = nullptr;
   // Failover: a Generate stream that ends retriably (the worker died, stopped or handed the
   // sequence over while draining: UNAVAILABLE, CANCELLED not asked for by the gateway, or
@@ -45,8 +44,6 @@ struct GenerationOptions {
   // SequenceRequest.resumed_tokens; the client's stream goes on as if nothing happened. Only
   // with a router (a fixed attention_worker leaves nowhere to go).
   int max_resubmits = 3;
-  // Optional (must outlive the Generator): counts resubmits (expertmesh_gateway_resubmits_total).
-  prometheus::Counter* resubmits = nullptr;
 };
 
 // What one generation runs, whichever API asked for it.
@@ -113,8 +110,10 @@ struct GenerationOutcome {
 class GenerationSink {
  public:
   virtual ~GenerationSink() = default;
-  // False: the client is gone (the generation is cancelled).
-  virtual bool Begin(uint32_t prompt_tokens) = 0;
+  // False: the client is gone (the generation is cancelled). `cached_prompt_tokens`: of the
+  // prompt, those the worker loaded from the kv-store (GenerationOutcome.cached_prompt_tokens;
+  // known here because Begin waits for the worker's first message).
+  virtual bool Begin(uint32_t prompt_tokens, uint32_t cached_prompt_tokens) = 0;
   virtual bool Delta(const chat::StreamDelta& delta) = 0;
   // With GenerationInput.logprobs: the tokens behind the Delta calls that follow (called before
   // them, in order).
@@ -122,7 +121,8 @@ class GenerationSink {
   // Called about every GenerationOptions.idle_interval while no token arrives (before the first
   // token too, after Begin-less waits): e.g. Anthropic's `ping` event. False: the client is gone.
   // `prompt_tokens` is the prompt length, so a sink may open its stream before the first token
-  // (Anthropic: message_start, then ping).
+  // (Anthropic: message_start, then ping); the kv-store hit is not known yet then (it comes with
+  // Begin).
   virtual bool Idle(uint32_t prompt_tokens) { return true; }
   virtual void Fail(const ApiError& error) = 0;
   virtual void Finish(const GenerationOutcome& outcome) = 0;

@@ -294,7 +294,7 @@ class RecordingSink final : public GenerationSink {
     std::promise<void> done;
   };
   explicit RecordingSink(std::shared_ptr<Log> log) : log_(std::move(log)) {}
-  bool Begin(uint32_t) override { return Note("begin"); }
+  bool Begin(uint32_t, uint32_t) override { return Note("begin"); }
   bool Delta(const chat::StreamDelta& d) override {
     std::lock_guard<std::mutex> lock(log_->mu);
     log_->reasoning += d.reasoning_content;

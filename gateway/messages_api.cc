@@ -668,7 +668,7 @@ std::string AnthropicAnswer::Error(const ApiError& error) {
   return Event("error", json::parse(error.ToAnthropicJson()));
 }
 
-std::string AnthropicAnswer::Start(uint32_t prompt_tokens) const {
+std::string AnthropicAnswer::Start(uint32_t prompt_tokens, uint32_t cached_prompt_tokens) const {
   json message = {{"id", id_},
                   {"type", "message"},
                   {"role", "assistant"},
@@ -676,7 +676,7 @@ std::string AnthropicAnswer::Start(uint32_t prompt_tokens) const {
                   {"content", json::array()},
                   {"stop_reason", nullptr},
                   {"stop_sequence", nullptr},
-                  {"usage", Usage(prompt_tokens, 0)}};
+                  {"usage", Usage(prompt_tokens, 0, cached_prompt_tokens)}};
   return Event("message_start", {{"type", "message_start"}, {"message", std::move(message)}});
 }
 
@@ -794,8 +794,9 @@ std::string AnthropicAnswer::Finish(const GenerationOutcome& o) {
                 {"delta",
                  {{"stop_reason", reason},
                   {"stop_sequence", is_stop_sequence ? json(o.stop_sequence) : json(nullptr)}}},
-                // message_start went out before the hit was known; the final split is here
-                // (the SDKs take these fields from message_delta).
+                // message_start may have gone out before the hit was known (a long wait for the
+                // first token: AnthropicSink::Idle); the final split is here either way (the SDKs
+                // take these fields from message_delta).
                 {"usage",
                  {{"output_tokens", o.completion_tokens},
                   {"input_tokens", o.prompt_tokens - std::min(o.cached_prompt_tokens,
@@ -852,15 +853,16 @@ class AnthropicSink : public GenerationSink {
         writer_(*writer_owner_),
         answer_(*request, std::move(id), std::move(model)) {}
 
-  bool Begin(uint32_t prompt_tokens) override {
+  bool Begin(uint32_t prompt_tokens, uint32_t cached_prompt_tokens) override {
     if (!answer_.stream() || streaming_) return true;
-    return StartStream(prompt_tokens);
+    return StartStream(prompt_tokens, cached_prompt_tokens);
   }
   bool Delta(const chat::StreamDelta& d) override { return Send(answer_.Delta(d)); }
   bool Idle(uint32_t prompt_tokens) override {
     // A long prefill must not look like a dead connection: message_start goes out as soon as the
     // wait is noticeable, pings follow. (A refusal after this point is an `error` event, not a
-    // 503, as with Anthropic's own API.)
+    // 503, as with Anthropic's own API.) The kv-store hit is not known yet: message_start then
+    // counts the whole prompt as input_tokens and message_delta carries the split.
     if (!answer_.stream()) return !writer_.client_gone();
     if (!streaming_ && !StartStream(prompt_tokens)) return false;
     return writer_.Write(AnthropicAnswer::Ping());
@@ -881,15 +883,15 @@ class AnthropicSink : public GenerationSink {
       writer_.Respond(std::move(r));
       return;
     }
-    if (!streaming_ && !StartStream(o.prompt_tokens)) return;
+    if (!streaming_ && !StartStream(o.prompt_tokens, o.cached_prompt_tokens)) return;
     if (!writer_.Write(answer_.Finish(o))) return;
     writer_.End();
   }
 
  private:
-  bool StartStream(uint32_t prompt_tokens) {
+  bool StartStream(uint32_t prompt_tokens, uint32_t cached_prompt_tokens = 0) {
     streaming_ = writer_.BeginStream(200, "text/event-stream");
-    return streaming_ && writer_.Write(answer_.Start(prompt_tokens));
+    return streaming_ && writer_.Write(answer_.Start(prompt_tokens, cached_prompt_tokens));
   }
   bool Send(std::string events) {
     if (events.empty()) return !writer_.client_gone();

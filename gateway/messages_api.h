@@ -64,8 +64,9 @@ class AnthropicAnswer {
   AnthropicAnswer(const MessagesRequest& request, std::string id, std::string model);
 
   bool stream() const { return stream_; }
-  // `event: message_start` (the message with empty content and usage.input_tokens).
-  std::string Start(uint32_t prompt_tokens) const;
+  // `event: message_start` (the message with empty content and usage: input_tokens the prompt
+  // minus `cached_prompt_tokens`, which go to cache_read_input_tokens).
+  std::string Start(uint32_t prompt_tokens, uint32_t cached_prompt_tokens = 0) const;
   // The events for one delta when streaming (empty otherwise); the content is kept either way.
   std::string Delta(const chat::StreamDelta& delta);
   // Streaming: the events that end the answer (the last block's stop, message_delta,

@@ -357,6 +357,39 @@ TEST(AnthropicAnswerTest, StreamedEventsHaveTheApiShapeAndEqualTheWholeMessage) 
   EXPECT_EQ(Accumulate(ev), body);
 }
 
+// The kv-store hit: message_start splits the prompt when it knows the hit (Begin); one sent
+// before the first token (a long wait) counts it all as input, and message_delta, which the SDKs
+// take the final usage from, has the split either way.
+TEST(AnthropicAnswerTest, CachedPromptTokensSplitTheInput) {
+  MessagesRequest req;
+  req.stream = true;
+  GenerationOutcome o;
+  o.prompt_tokens = 300;
+  o.cached_prompt_tokens = 256;
+  o.completion_tokens = 2;
+  for (uint32_t known : {256u, 0u}) {
+    AnthropicAnswer a(req, "msg_1", "m");
+    std::string text = a.Start(300, known);
+    text += a.Delta(Content("ok"));
+    text += a.Finish(o);
+    const std::vector<Sse> ev = ParseEvents(text);
+    ASSERT_GE(ev.size(), 3u) << text;
+    const json& start = ev.front().data["message"]["usage"];
+    EXPECT_EQ(start["input_tokens"], 300 - known) << text;
+    EXPECT_EQ(start["cache_read_input_tokens"], known) << text;
+    const json& delta = ev[ev.size() - 2].data;
+    ASSERT_EQ(delta["type"], "message_delta") << text;
+    EXPECT_EQ(delta["usage"]["input_tokens"], 44) << text;
+    EXPECT_EQ(delta["usage"]["cache_read_input_tokens"], 256) << text;
+  }
+  req.stream = false;
+  AnthropicAnswer whole(req, "msg_1", "m");
+  whole.Delta(Content("ok"));
+  const json body = json::parse(whole.Message(o));
+  EXPECT_EQ(body["usage"]["input_tokens"], 44);
+  EXPECT_EQ(body["usage"]["cache_read_input_tokens"], 256);
+}
+
 TEST(AnthropicAnswerTest, OmittedThinkingSendsOnlyTheSignatureWhichCarriesTheReasoning) {
   MessagesRequest req;
   req.thinking = true;

@@ -71,10 +71,6 @@ json UsageWithCache(uint32_t prompt, uint32_t completion, uint32_t cached) {
           {"prompt_tokens_details", {{"cached_tokens", cached}}}};
 }
 
-json UsageJson(uint32_t prompt, uint32_t completion) {
-  return UsageWithCache(prompt, completion, 0);
-}
-
 // One choice of a non-streamed chat.completion.
 json ChoiceJson(size_t index, const ChatRequest& request, const chat::ParsedMessage& m,
                 bool length, const std::vector<GeneratedToken>& tokens) {
@@ -130,7 +126,7 @@ class OpenAiSink : public GenerationSink {
         model_(std::move(model)),
         created_(absl::ToUnixSeconds(absl::Now())) {}
 
-  bool Begin(uint32_t) override {
+  bool Begin(uint32_t, uint32_t) override {
     if (!request_.stream) return true;
     return StartStream();
   }
@@ -239,7 +235,7 @@ void RunChatChoices(Generator& core, std::shared_ptr<const ChatRequest> request,
                      [&](size_t i, const ChoiceResult& r) {
                        return ChoiceJson(i, *request, r.message, r.length, r.tokens);
                      },
-                     UsageJson));
+                     UsageWithCache));
                });
 }
 

@@ -145,7 +145,7 @@ class BlockStore {
   // The store-level victim in `lru` (oldest at the front): unreferenced, preferably with no
   // stored child. Null if every block is referenced.
   Entry* PickVictimLocked(const std::list<Entry*>& lru) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Removes the block from every tier and the index (deleting its file).
+  // Removes the block from every tier and the index (marking its disk record dead).
   void EraseLocked(Entry* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void InsertIndexLocked(std::unique_ptr<Entry> e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void PublishGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -167,7 +167,7 @@ class BlockStore {
   std::list<Entry*> disk_lru_ ABSL_GUARDED_BY(mu_);    // oldest first
   uint64_t memory_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t disk_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t disk_reserved_ ABSL_GUARDED_BY(mu_) = 0;  // puts writing their files
+  uint64_t disk_reserved_ ABSL_GUARDED_BY(mu_) = 0;  // puts appending their records
   uint64_t next_serial_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t referenced_blocks_ ABSL_GUARDED_BY(mu_) = 0;
   TierUsage memory_usage_ ABSL_GUARDED_BY(mu_);

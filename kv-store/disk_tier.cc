@@ -146,6 +146,33 @@ absl::Status ReadAt(int fd, char* out, size_t n, uint64_t offset, const std::str
   return absl::OkStatus();
 }
 
+// ReadAt of two consecutive pieces with one preadv.
+absl::Status ReadVAt(int fd, char* a, size_t a_len, char* b, size_t b_len, uint64_t offset,
+                     const std::string& path) {
+  iovec iov[2] = {{a, a_len}, {b, b_len}};
+  int first = 0;
+  size_t left = a_len + b_len;
+  while (left > 0) {
+    const ssize_t got = ::preadv(fd, iov + first, 2 - first, static_cast<off_t>(offset));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return Errno("cannot read", path);
+    }
+    if (got == 0) {
+      return absl::DataLossError(absl::StrCat("segment ", path, " ends inside a record"));
+    }
+    left -= static_cast<size_t>(got);
+    offset += static_cast<uint64_t>(got);
+    size_t g = static_cast<size_t>(got);
+    while (first < 2 && g >= iov[first].iov_len) g -= iov[first++].iov_len;
+    if (first < 2) {
+      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + g;
+      iov[first].iov_len -= g;
+    }
+  }
+  return absl::OkStatus();
+}
+
 void MarkDead(int fd, uint64_t offset) {
   const uint32_t dead = kDead;
   // Best effort: a record left live is found again by a restart, whose copy is still the
@@ -342,6 +369,7 @@ absl::StatusOr<ScanResult> DiskTier::Scan() {
     if (fresh < 0) return Errno("cannot open", seg->path);
     ::close(seg->fd);
     seg->fd = fresh;
+    ::posix_fadvise(seg->fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     seg->size = std::min(off, size);
     segments.push_back(std::move(seg));
   }
@@ -421,6 +449,9 @@ absl::StatusOr<DiskTier::Appended> DiskTier::AppendLocked(std::string_view head,
     seg->path = SegmentPath(seg->id);
     seg->fd = ::open(seg->path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (seg->fd < 0) return Errno("cannot create", seg->path);
+    // A prefix is read in the order it was appended: a doubled readahead window keeps the
+    // device busy while each chunk's CRC32C is computed.
+    ::posix_fadvise(seg->fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     if (fsync_) {
       // The new name must survive a power loss too.
       const int dfd = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -661,8 +692,15 @@ absl::StatusOr<std::string> DiskTier::Read(const BlockFileHeader& expected) {
         "record of block %016x in %s has %u bytes, expected %u", expected.chain_hash, path,
         loc.bytes, header_bytes + expected.data_bytes));
   }
+  // The header comes in the same read as the first chunk of data: a separate small read ahead
+  // of each record measured 2-4x slower (it keeps resetting the kernel's readahead window).
   std::string head(header_bytes, '\0');
-  if (absl::Status s = ReadAt(fd, head.data(), head.size(), loc.offset, path); !s.ok()) return s;
+  std::string data(expected.data_bytes, '\0');
+  const uint64_t first = std::min<uint64_t>(kReadChunk, data.size());
+  if (absl::Status s = ReadVAt(fd, head.data(), head.size(), data.data(), first, loc.offset, path);
+      !s.ok()) {
+    return s;
+  }
   auto header = DecodeHeader(head);
   if (!header.ok()) {
     return absl::DataLossError(absl::StrFormat("%s at offset %u of %s", header.status().message(),
@@ -672,10 +710,9 @@ absl::StatusOr<std::string> DiskTier::Read(const BlockFileHeader& expected) {
     return absl::DataLossError(
         absl::StrFormat("offset %u of %s holds another block", loc.offset, path));
   }
-  std::string data(expected.data_bytes, '\0');
-  uint32_t crc = 0;
+  uint32_t crc = Crc32cExtend(0, std::string_view(data).substr(0, first));
   const uint64_t data_at = loc.offset + header_bytes;
-  for (uint64_t done = 0; done < data.size();) {
+  for (uint64_t done = first; done < data.size();) {
     const uint64_t n = std::min<uint64_t>(kReadChunk, data.size() - done);
     if (absl::Status s = ReadAt(fd, data.data() + done, n, data_at + done, path); !s.ok()) {
       return s;

@@ -1,4 +1,4 @@
-// The disk tier's files: append-only segment files <dir>/<16 hex digits>.seg (64 MiB each by
+// The disk tier's files: append-only segment files <dir>/<16 hex digits>.seg (256 MiB each by
 // default), each a run of records (a header with the block's key, parent, data length and CRC32C,
 // a header CRC32C, then the block bytes). docs/kv_store.md has the layout and why segments
 // replaced one file per block (ext4's per-file inode work capped small-block writes at 0.12 of a
@@ -7,8 +7,8 @@
 // A record is appended once and never rewritten, except for its first 4 bytes (live/dead) when the
 // block is removed, so a restart (Scan) does not bring it back. Space comes back by whole
 // segments: a segment with no live record is deleted, and when the dead bytes of the sealed
-// segments exceed a quarter of the live bytes (and one segment), the sealed segment with the fewest
-// live bytes has its live records copied forward into the current segment and is deleted. Which
+// segments exceed a quarter of the live bytes (and one segment), the sealed segment with the most
+// dead bytes has its live records copied forward into the current segment and is deleted. Which
 // blocks live is BlockStore's choice (LRU, references, tail before head); this class does the
 // I/O and keeps its own key -> (segment, offset) map.
 //
@@ -62,7 +62,7 @@ struct ScanResult {
 struct DiskTierOptions {
   // Appends go to one segment until the next record would pass this; a record larger than it
   // gets a segment of its own.
-  uint64_t segment_bytes = uint64_t{64} << 20;
+  uint64_t segment_bytes = uint64_t{256} << 20;
   // Sealed segments' dead bytes allowed before one is compacted: this fraction of the live bytes,
   // and at least one segment.
   double dead_fraction = 0.25;

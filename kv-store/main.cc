@@ -24,13 +24,15 @@ int main(int argc, char** argv) {
   flags.AddInt("memory-capacity-bytes", &memory_capacity,
                "Bytes of block data the memory tier (LRU) holds");
   flags.AddString("disk-dir", &store_options.disk_dir,
-                  "Directory of the disk tier (one file per block; its index is rebuilt from it at "
-                  "start, so a restarted store serves what it had). Empty: memory tier only");
+                  "Directory of the disk tier (append-only segment files; the index is rebuilt "
+                  "from them at start, so a restarted store serves what it had). Empty: memory "
+                  "tier only");
   flags.AddInt("disk-capacity-bytes", &disk_capacity,
-               "Bytes of block files the disk tier holds before it evicts");
+               "Bytes of block records (header + data) the disk tier holds before it evicts");
   flags.AddBool("disk-fsync", &store_options.disk_fsync,
-                "fdatasync every block file before it is published (survives a power loss, "
-                "costs write throughput; a process crash never loses a published block)");
+                "fdatasync the segment after each append, before the block is published (survives "
+                "a power loss, costs write throughput; a process crash never loses a published "
+                "block)");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv); rc >= 0) return rc;
   if (memory_capacity <= 0) {
     return rpc::ReportSetupError("expertmesh-kv-store",

@@ -2,11 +2,15 @@
 // worker, the kv-store, the router and the gateway on the tiny model. A sequence resumed with
 // SequenceRequest.resumed_tokens continues with the tokens it would have produced; streams whose
 // attention worker is SIGKILLed or drained mid-request complete through the gateway, each equal
-// byte for byte (text, finish reason, token count) to its undisturbed run.
+// byte for byte (text, finish reason, token count) to its undisturbed run; a resumed sequence
+// loads the blocks its dead worker stored and recomputes only the tail; every resubmit counts in
+// expertmesh_gateway_resubmits_total.
 #include <signal.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -22,6 +26,8 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/child_process.h"
+#include "tests/testing/prom_text.h"
+#include "tests/testing/tiny_cluster.h"
 
 namespace expertmesh {
 namespace {
@@ -99,20 +105,14 @@ class FailoverTest : public ::testing::Test {
  protected:
   void SetUp() override {
     dir_ = testing::MakeTempDir("em-failover");
-    const std::string model = dir_ + "/tiny";
-    const std::string cmd = std::string(EM_BINARY_DIR) +
-                            "/cli/expertmesh make-model --preset tiny --seed 0 --out '" + model +
-                            "' > '" + dir_ + "/make-model.log' 2>&1";
-    ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
-    cli::LocalClusterOptions o;
-    o.model_dir = model;
+    absl::StatusOr<std::string> model = testing::MakeTinyModel(dir_);
+    ASSERT_TRUE(model.ok()) << model.status();
+    cli::LocalClusterOptions o = testing::TinyGatewayClusterOptions(*model);
     o.attention_workers = 2;
-    o.expert_workers = 1;
-    o.with_gateway = true;
-    o.http_port = 0;
-    o.base_port = 0;
-    o.quiet = true;
     o.log_dir = dir_ + "/logs";
+    // The kv-store's disk tier lives under run_dir: a fresh one per test, or blocks stored by an
+    // earlier run would be hits here.
+    o.run_dir = dir_ + "/run";
     auto c = cli::LocalCluster::Start(o);
     ASSERT_TRUE(c.ok()) << c.status();
     cluster_ = std::move(*c);
@@ -137,6 +137,23 @@ class FailoverTest : public ::testing::Test {
       if (line.find("resubmitting") != std::string::npos) ++n;
     }
     return n;
+  }
+
+  // Sum of a metric's samples on cluster member `member` (-1 when it cannot be scraped).
+  double Metric(const std::string& member, const std::string& name,
+                const std::map<std::string, std::string>& labels = {}) const {
+    const cli::ClusterMember* m = cluster_->Find(member);
+    if (m == nullptr) return -1;
+    auto r = testing::HttpRequest(m->metrics_port, "GET", "/metrics");
+    if (!r.ok() || r->status != 200) return -1;
+    auto scrape = testing::ParsePromText(r->body);
+    if (!scrape.ok()) return -1;
+    double sum = 0;
+    for (const auto& sample : scrape->Find(name, labels)) sum += sample.value;
+    return sum;
+  }
+  double GatewayResubmitsMetric() const {
+    return Metric("gateway", "expertmesh_gateway_resubmits_total");
   }
 
   StreamResult Post(const json& body) {
@@ -210,6 +227,38 @@ class FailoverTest : public ::testing::Test {
     }
   }
 
+  // The eight requests undisturbed, then again with `disturb` applied to an attention worker
+  // that has streams mid-way once all of them run: every stream must complete equal to its
+  // undisturbed run, the interrupted ones resubmitted (in the log and the gateway's metric).
+  // Returns the disturbed worker, or -1 (the test has failed then).
+  int RunDisturbed(const std::function<void(int worker)>& disturb) {
+    constexpr int kMaxTokens = 128;
+    const std::vector<json> reqs = Requests(kMaxTokens);
+    const std::vector<StreamResult> undisturbed = RunConcurrently(reqs);
+    for (const StreamResult& r : undisturbed) {
+      EXPECT_EQ(r.status, 200) << r.body;
+      EXPECT_TRUE(r.errors.empty()) << r.body;
+      EXPECT_GT(r.completion_tokens, 0) << r.body;
+    }
+    if (HasFailure()) return -1;
+
+    std::vector<StreamResult> got(reqs.size());
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      threads.emplace_back([&, i] { got[i] = Post(reqs[i]); });
+    }
+    const auto [victim, mid] = WaitForMidStream(8, 4, kMaxTokens);
+    if (victim >= 0) disturb(victim);
+    for (auto& t : threads) t.join();
+    EXPECT_GE(victim, 0) << "no attention worker was mid-stream with all requests running";
+    if (victim < 0) return -1;
+    EXPECT_GT(mid, 0);
+    EXPECT_GE(GatewayResubmits(), mid);
+    EXPECT_EQ(GatewayResubmitsMetric(), GatewayResubmits());
+    ExpectSame(undisturbed, got);
+    return victim;
+  }
+
   std::string dir_;
   std::unique_ptr<cli::LocalCluster> cluster_;
   std::vector<std::unique_ptr<v1::AttentionWorker::Stub>> stubs_;
@@ -278,62 +327,23 @@ TEST_F(FailoverTest, ResumedSequenceContinuesBitIdentically) {
 }
 
 TEST_F(FailoverTest, KilledAttentionWorkerLosesNoStream) {
-  constexpr int kMaxTokens = 128;
-  const std::vector<json> reqs = Requests(kMaxTokens);
-  const std::vector<StreamResult> undisturbed = RunConcurrently(reqs);
-  for (const StreamResult& r : undisturbed) {
-    ASSERT_EQ(r.status, 200) << r.body;
-    ASSERT_TRUE(r.errors.empty()) << r.body;
-    ASSERT_GT(r.completion_tokens, 0) << r.body;
-  }
-
-  std::vector<StreamResult> got(reqs.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    threads.emplace_back([&, i] { got[i] = Post(reqs[i]); });
-  }
-  const auto [victim, mid] = WaitForMidStream(8, 4, kMaxTokens);
-  const std::string name = "attention-worker-" + std::to_string(victim);
-  if (victim >= 0) {
-    const cli::ClusterMember* m = cluster_->Find(name);
+  RunDisturbed([&](int worker) {
+    const cli::ClusterMember* m = cluster_->Find("attention-worker-" + std::to_string(worker));
     ASSERT_NE(m, nullptr);
     ASSERT_EQ(kill(m->pid, SIGKILL), 0);
-  }
-  for (auto& t : threads) t.join();
-  ASSERT_GE(victim, 0) << "no attention worker was mid-stream with all requests running";
-  EXPECT_GT(mid, 0);
-  EXPECT_GE(GatewayResubmits(), mid);
-  ExpectSame(undisturbed, got);
-  // TODO(kv-store prefix reuse): once the worker reloads stored blocks on admission, assert via
-  // expertmesh_attention_prefill_tokens_total that a resumed sequence recomputes fewer than
-  // 128 + (tokens since its last stored block).
+  });
 }
 
 TEST_F(FailoverTest, DrainedAttentionWorkerHandsItsStreamsOver) {
-  constexpr int kMaxTokens = 128;
-  const std::vector<json> reqs = Requests(kMaxTokens);
-  const std::vector<StreamResult> undisturbed = RunConcurrently(reqs);
-  for (const StreamResult& r : undisturbed) ASSERT_EQ(r.status, 200) << r.body;
-
-  std::vector<StreamResult> got(reqs.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    threads.emplace_back([&, i] { got[i] = Post(reqs[i]); });
-  }
-  const auto [victim, mid] = WaitForMidStream(8, 4, kMaxTokens);
-  if (victim >= 0) {
+  const int victim = RunDisturbed([&](int worker) {
     v1::DrainRequest req;
     req.set_grace_ms(1);
     v1::DrainResponse resp;
     grpc::ClientContext ctx;
     rpc::SetTimeout(ctx, absl::Seconds(5));
-    EXPECT_TRUE(stubs_[victim]->Drain(&ctx, req, &resp).ok());
-  }
-  for (auto& t : threads) t.join();
-  ASSERT_GE(victim, 0) << "no attention worker was mid-stream with all requests running";
-  EXPECT_GT(mid, 0);
-  EXPECT_GE(GatewayResubmits(), mid);
-  ExpectSame(undisturbed, got);
+    EXPECT_TRUE(stubs_[worker]->Drain(&ctx, req, &resp).ok());
+  });
+  ASSERT_GE(victim, 0);
   // The drained worker handed everything over and took nothing new.
   const absl::Time deadline = absl::Now() + absl::Seconds(10);
   v1::SequenceStatusResponse st = Status(victim);
@@ -343,6 +353,115 @@ TEST_F(FailoverTest, DrainedAttentionWorkerHandsItsStreamsOver) {
   }
   EXPECT_TRUE(st.draining());
   EXPECT_EQ(st.sequences_size(), 0);
+}
+
+// The bound on recomputation: a sequence whose attention worker is SIGKILLed after its
+// decode crossed a 128-token boundary resumes on the other worker from the blocks the dead one
+// stored, computing fewer than 128 + (tokens since its last stored block) of prefill; the stream
+// still equals the undisturbed run.
+TEST_F(FailoverTest, ResumedSequenceRecomputesOnlyTheTail) {
+  // Greedy, a prompt of ~20 tokens (under one block: admission loads nothing) and a budget that
+  // runs well past the first boundary, so the kill lands mid-decode after it. The tiny model's
+  // random weights do not end early (its EOS is one id in ~129K).
+  constexpr int kMaxTokens = 300;
+  const json req = {{"model", "tiny"},
+                    {"messages",
+                     {{{"role", "user"},
+                       {"content",
+                        "Write a long poem about the sea, one line after another, and never "
+                        "stop."}}}},
+                    {"max_tokens", kMaxTokens},
+                    {"temperature", 0},
+                    {"stream", true},
+                    {"stream_options", {{"include_usage", true}}}};
+  const std::string names[2] = {"attention-worker-0", "attention-worker-1"};
+  const std::map<std::string, std::string> stored = {{"result", "stored"}};
+  double prefill0[2], hit0[2], query0[2], puts0[2];
+  for (int w = 0; w < 2; ++w) {
+    prefill0[w] = Metric(names[w], "expertmesh_attention_prefill_tokens_total");
+    hit0[w] = Metric(names[w], "expertmesh_attention_prefix_cache_hit_tokens_total");
+    query0[w] = Metric(names[w], "expertmesh_attention_prefix_cache_query_tokens_total");
+    puts0[w] = Metric(names[w], "expertmesh_attention_kv_block_puts_total", stored);
+    ASSERT_GE(prefill0[w], 0);
+    ASSERT_GE(hit0[w], 0);
+    ASSERT_GE(query0[w], 0);
+    ASSERT_GE(puts0[w], 0);
+  }
+  const double resubmits0 = GatewayResubmitsMetric();
+
+  StreamResult got;
+  std::atomic<bool> client_done{false};
+  std::thread client([&] {
+    got = Post(req);
+    client_done = true;
+  });
+  // Wait for the sequence to be decoding past its first block boundary with that block in the
+  // kv-store (the put is asynchronous), far enough from its end that the kill interrupts it.
+  int victim = -1;
+  uint32_t prompt_tokens = 0, generated = 0;
+  double stored_blocks = 0;
+  std::string why = "the sequence never reached the state to kill it in";
+  const absl::Time deadline = absl::Now() + absl::Seconds(120);
+  while (victim < 0 && !client_done && absl::Now() < deadline) {
+    for (int w = 0; w < 2 && victim < 0; ++w) {
+      const v1::SequenceStatusResponse status = Status(w);
+      for (const auto& st : status.sequences()) {
+        if (st.phase() != v1::SEQUENCE_PHASE_DECODE) continue;
+        prompt_tokens = st.prompt_tokens();
+        generated = st.generated_tokens();
+        // The last generated token is not fed yet: fed = prompt + generated - 1.
+        if (prompt_tokens + generated < 130) continue;
+        if (generated + 16 >= kMaxTokens) {
+          why = "the sequence was too close to its end when its block was stored";
+          break;
+        }
+        stored_blocks = Metric(names[w], "expertmesh_attention_kv_block_puts_total", stored) -
+                        puts0[w];
+        if (stored_blocks < 1 ||
+            Metric(names[w], "expertmesh_attention_kv_put_queue_blocks") != 0) {
+          continue;
+        }
+        victim = w;
+      }
+    }
+    if (victim < 0) absl::SleepFor(absl::Milliseconds(2));
+  }
+  if (victim >= 0) {
+    const cli::ClusterMember* m = cluster_->Find(names[victim]);
+    ASSERT_NE(m, nullptr);
+    ASSERT_EQ(kill(m->pid, SIGKILL), 0);
+  }
+  client.join();
+  ASSERT_GE(victim, 0) << why;
+  ASSERT_LT(prompt_tokens, 128u) << "the first block must complete during decode";
+  EXPECT_GE(GatewayResubmitsMetric() - resubmits0, 1);
+  EXPECT_EQ(GatewayResubmitsMetric(), GatewayResubmits());
+
+  const int survivor = 1 - victim;
+  const double prefill =
+      Metric(names[survivor], "expertmesh_attention_prefill_tokens_total") - prefill0[survivor];
+  const double hit =
+      Metric(names[survivor], "expertmesh_attention_prefix_cache_hit_tokens_total") -
+      hit0[survivor];
+  const double query =
+      Metric(names[survivor], "expertmesh_attention_prefix_cache_query_tokens_total") -
+      query0[survivor];
+  // The resubmitted prompt: the original one plus every token streamed before the kill.
+  EXPECT_GE(query, prompt_tokens + generated);
+  EXPECT_EQ(prefill + hit, query);
+  // Everything the dead worker stored is loaded (later blocks, stored between the metric read and
+  // the kill, only add to it).
+  EXPECT_GE(hit, 128 * stored_blocks);
+  const double since_last_stored = query - 128 * stored_blocks;
+  EXPECT_LT(prefill, 128 + since_last_stored)
+      << "prompt " << prompt_tokens << ", generated before the kill " << generated
+      << ", blocks stored " << stored_blocks << ", resumed prompt " << query << ", hit " << hit;
+
+  // The undisturbed run, afterwards: its ~20-token prompt loads nothing, so it is computed whole.
+  const StreamResult undisturbed = Post(req);
+  ASSERT_EQ(undisturbed.status, 200) << undisturbed.body;
+  EXPECT_GT(undisturbed.completion_tokens, static_cast<int>(generated));
+  ExpectSame({undisturbed}, {got});
 }
 
 }  // namespace

@@ -25,6 +25,7 @@
 #include "nlohmann/json.hpp"
 #include "tests/testing/child_process.h"
 #include "tests/testing/prom_text.h"
+#include "tests/testing/tiny_cluster.h"
 
 namespace expertmesh {
 namespace {
@@ -105,21 +106,12 @@ class PrefixCacheTest : public ::testing::Test {
  protected:
   void SetUp() override {
     dir_ = testing::MakeTempDir("em-prefix-cache");
-    const std::string model = dir_ + "/tiny";
-    const std::string cmd = std::string(EM_BINARY_DIR) +
-                            "/cli/expertmesh make-model --preset tiny --seed 0 --out '" + model +
-                            "' > '" + dir_ + "/make-model.log' 2>&1";
-    ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
-    cli::LocalClusterOptions o;
-    o.model_dir = model;
+    absl::StatusOr<std::string> model = testing::MakeTinyModel(dir_);
+    ASSERT_TRUE(model.ok()) << model.status();
+    cli::LocalClusterOptions o = testing::TinyGatewayClusterOptions(*model);
     o.run_dir = dir_ + "/run";
     o.log_dir = dir_ + "/log";
-    o.attention_workers = 1;
-    o.expert_workers = 1;
-    o.with_gateway = true;
-    o.http_port = 0;
-    o.base_port = 0;
-    o.quiet = true;
+    // The SIGKILLed kv-store comes back with its disk tier.
     o.restart_on_failure = true;
     o.restart_backoff = absl::Milliseconds(200);
     o.extra_gateway_args = {"--api-key=sk-a:tenant-a", "--api-key=sk-b:tenant-b"};

@@ -3,6 +3,10 @@
 // Debian 12 ships no CRC32C library (abseil 20220623 predates absl/crc, libcrc32c-dev arrived
 // after bookworm), so this is our own: the SSE4.2 crc32 instruction where the CPU has it
 // (checked once at run time), a slicing-by-8 table otherwise. Both give the same bits.
+// The instruction has a 3-cycle latency but accepts one per cycle, so a single dependency chain
+// leaves two thirds of the unit idle: long inputs are cut into three adjacent blocks whose CRCs
+// run as three independent chains and are then joined with a "shift by the block length"
+// operator (a table per block length, built once at first use).
 #pragma once
 
 #include <cstddef>
@@ -24,6 +28,11 @@ uint32_t Crc32cPortable(uint32_t reg, const uint8_t* p, size_t n);
 // REQUIRES: HaveHardwareCrc32c().
 uint32_t Crc32cHardware(uint32_t reg, const uint8_t* p, size_t n);
 bool HaveHardwareCrc32c();
+// The hardware path's three-stream block lengths in bytes (a stretch of 3 * length is processed
+// per join; what is shorter than 3 * kCrc32cShortBlock goes through one chain): the tests aim
+// lengths at these edges.
+inline constexpr size_t kCrc32cLongBlock = 4096;
+inline constexpr size_t kCrc32cShortBlock = 256;
 }  // namespace internal
 
 }  // namespace expertmesh::state
