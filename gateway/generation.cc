@@ -138,7 +138,13 @@ class Generation final : public std::enable_shared_from_this<Generation> {
 
   ~Generation() {
     if (GatewayMetrics* m = core_->options_.metrics) m->active_streams.Decrement();
-    core_->Unregister(this);  // last: the Generator may be destroyed right after
+    // What the answer holds (the sink, the writer — whose wrappers report the final status to
+    // the HTTP API's metrics — and the key's lease) goes before the Generator and its owners are
+    // told that this generation is over: they may be destroyed right after.
+    sink_.reset();
+    writer_.reset();
+    input_.lease.reset();
+    core_->Unregister(this);
   }
 
   // On Start's thread.
