@@ -58,12 +58,14 @@ int RunUp(int argc, char** argv) {
   rpc::BlockTerminationSignals();
   LocalClusterOptions options;
   int64_t http_port = options.http_port;
+  int64_t admin_port = options.admin_port;
   int64_t base_port = options.base_port;
   int64_t ready_timeout_s = 60;
   int64_t attention_workers = options.attention_workers;
   int64_t expert_workers = options.expert_workers;
   int64_t expert_replicas = options.expert_replicas;
   int64_t max_restarts = options.max_restarts_per_minute;
+  int64_t hosts = options.hosts;
   bool exit_on_failure = false;
   std::string bin_dir;
   const std::string repo = EM_REPO_DIR;
@@ -76,9 +78,13 @@ int RunUp(int argc, char** argv) {
   int64_t max_concurrent_per_key = 64;
   base::FlagSet flags("expertmesh up",
                      "Starts router, kv-store, A attention workers, E expert workers and the "
-                     "gateway on loopback, writes <run-dir>/cluster.json, restarts services that "
+                     "gateway on loopback (or across --hosts network namespaces), writes "
+                     "<run-dir>/cluster.json, restarts services that "
                      "die, and stops them all on Ctrl-C or SIGTERM.");
   flags.AddInt("http-port", &http_port, "gateway HTTP API port (0 = pick a free port)");
+  flags.AddInt("admin-port", &admin_port,
+               "port of the gateway's cluster page (loopback; 0 = pick a free port; `up` prints "
+               "its URL and cluster.json has it as admin_url)");
   flags.AddInt("base-port", &base_port,
                "service i (router, kv-store, attention-worker-0.., expert-worker-0.., gateway) "
                "gets gRPC port base+i and metrics port base+i+max(10, services) (0 = all ports "
@@ -93,6 +99,12 @@ int RunUp(int argc, char** argv) {
   flags.AddInt("max-restarts-per-minute", &max_restarts,
                "restarts allowed per service within a minute before `up` gives up");
   flags.AddString("host", &options.host, "loopback address the services bind");
+  flags.AddInt("hosts", &hosts,
+               "run the services across N network namespaces (N > 1 needs root): router, "
+               "kv-store and gateway on host 0, workers round-robin; removed on exit");
+  flags.AddString("hosts-subnet", &options.hosts_subnet,
+                  "IPv4 subnet of --hosts: the machine's bridge gets its first address, host i "
+                  "the (i+2)th");
   flags.AddString("model", &model_dir,
                   "model directory; the default is created (preset tiny, seed 0) if absent");
   flags.AddString("log-dir", &log_dir, "directory for <service>.log and ready files");
@@ -173,7 +185,18 @@ int RunUp(int argc, char** argv) {
     std::fprintf(stderr, "expertmesh up: cannot create --log-dir %s\n", log_dir.c_str());
     return 1;
   }
+  if (hosts < 1 || hosts > 250) {
+    std::fprintf(stderr, "expertmesh up: --hosts must be 1..250\n");
+    return 2;
+  }
+  options.hosts = static_cast<int>(hosts);
   options.http_port = static_cast<int>(http_port);
+  if (admin_port < 0 || admin_port > 65535 || (admin_port != 0 && admin_port == http_port)) {
+    std::fprintf(stderr, "expertmesh up: --admin-port must be 0..65535 and differ from "
+                         "--http-port\n");
+    return 2;
+  }
+  options.admin_port = static_cast<int>(admin_port);
   options.base_port = static_cast<int>(base_port);
   options.bin_dir = bin_dir;  // empty: LocalCluster resolves the tree of this executable
   options.model_dir = model_dir;

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -321,9 +322,34 @@ absl::Status LocalCluster::Plan() {
   return absl::OkStatus();
 }
 
+absl::Status LocalCluster::PlaceOnHosts() {
+  auto network = HostNetwork::Create(options_.hosts, options_.hosts_subnet,
+                                     [this](const std::string& line) { Say(line); });
+  if (!network.ok()) return network.status();
+  network_ = std::move(*network);
+  const auto& hosts = network_->hosts();
+  // The control plane and the entry point share host 0; the workers go round-robin starting on
+  // host 1, so that with A=1 and E>=2 every host runs something and expert traffic crosses links.
+  int next = 1;
+  for (ClusterMember& m : members_) {
+    size_t host = 0;
+    if (m.kind == "attention-worker" || m.kind == "expert-worker") host = next++ % hosts.size();
+    m.netns = hosts[host].netns;
+    m.ip = hosts[host].address;
+  }
+  Say("up: " + std::to_string(hosts.size()) + " hosts in network namespaces " + hosts[0].netns +
+      ".. on bridge " + network_->bridge() + " (" + network_->bridge_address() + "/" +
+      std::to_string(network_->prefix()) + ")");
+  return absl::OkStatus();
+}
+
 absl::Status LocalCluster::Spawn(ClusterMember& m, int grpc_port, int metrics_port, int http_port) {
   const std::string ready = options_.log_dir + "/" + m.name + ".ready";
   unlink(ready.c_str());
+  // A file left by an earlier run would name a port this gateway does not listen on.
+  if (m.kind == "gateway" && m.admin_port == 0) {
+    unlink((options_.log_dir + "/" + m.name + ".admin-port").c_str());
+  }
   // A restart appends, so that the log of the run that died stays readable.
   const bool restart = m.pid != 0;
   int log_fd = open(m.log_path.c_str(),
@@ -343,10 +369,31 @@ absl::Status LocalCluster::Spawn(ClusterMember& m, int grpc_port, int metrics_po
   const std::string& h = options_.host;
   std::vector<std::string> argv_strings = {m.binary};
   argv_strings.insert(argv_strings.end(), m.args.begin(), m.args.end());
-  argv_strings.push_back("--listen=" + h + ":" + std::to_string(grpc_port));
-  argv_strings.push_back("--metrics-listen=" + h + ":" + std::to_string(metrics_port));
+  argv_strings.push_back("--listen=" + m.address_host(h) + ":" + std::to_string(grpc_port));
+  argv_strings.push_back("--metrics-listen=" + m.address_host(h) + ":" +
+                         std::to_string(metrics_port));
+  // In a namespace, the HTTP API binds the namespace's address so that the host reaches it.
+  if (m.kind == "gateway" && !m.ip.empty()) argv_strings.push_back("--http-host=" + m.ip);
+  int netns_fd = -1;
+  if (!m.netns.empty()) {
+    netns_fd = OpenNetns(m.netns);
+    if (netns_fd < 0) {
+      close(log_fd);
+      if (null_fd >= 0) close(null_fd);
+      return absl::FailedPreconditionError("cannot open network namespace " + m.netns + " for " +
+                                           m.name + ": " + std::strerror(errno));
+    }
+  }
   argv_strings.push_back("--ready-file=" + ready);
   if (m.kind == "gateway") argv_strings.push_back("--http-port=" + std::to_string(http_port));
+  if (m.kind == "gateway") {
+    // A restart keeps the page's port, so an open browser tab carries on. In a namespace the page
+    // binds the namespace's address: loopback there is unreachable from the host.
+    const int admin = m.admin_port != 0 ? m.admin_port : options_.admin_port;
+    argv_strings.push_back("--admin-port=" + std::to_string(admin));
+    argv_strings.push_back("--admin-port-file=" + options_.log_dir + "/" + m.name + ".admin-port");
+    if (!m.ip.empty()) argv_strings.push_back("--admin-host=" + m.ip);
+  }
   // Everything the child needs is prepared before fork: no allocation between fork and exec.
   std::vector<char*> argv;
   for (std::string& a : argv_strings) argv.push_back(a.data());
@@ -358,6 +405,7 @@ absl::Status LocalCluster::Spawn(ClusterMember& m, int grpc_port, int metrics_po
   if (pid < 0) {
     close(log_fd);
     if (null_fd >= 0) close(null_fd);
+    if (netns_fd >= 0) close(netns_fd);
     return absl::InternalError("fork for " + m.name + ": " + std::strerror(errno));
   }
   if (pid == 0) {
@@ -367,6 +415,13 @@ absl::Status LocalCluster::Spawn(ClusterMember& m, int grpc_port, int metrics_po
     setpgid(0, 0);
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() != parent) _exit(1);
+    // Only the network namespace changes (not the mount one, as `ip netns exec` would), so
+    // the log dir, the ready file and the model stay where the supervisor sees them.
+    if (netns_fd >= 0 && setns(netns_fd, CLONE_NEWNET) != 0) {
+      static const char kMsg[] = "expertmesh up: setns into the host's network namespace failed\n";
+      if (write(log_fd, kMsg, sizeof(kMsg) - 1) < 0) _exit(126);
+      _exit(126);
+    }
     // `up` blocks SIGTERM/SIGINT for sigwait; a signal mask survives exec.
     sigprocmask(SIG_SETMASK, &none, nullptr);
     if (null_fd >= 0) dup2(null_fd, 0);
@@ -377,6 +432,7 @@ absl::Status LocalCluster::Spawn(ClusterMember& m, int grpc_port, int metrics_po
   }
   setpgid(pid, pid);  // also from the parent, so that it holds before we might signal the group
   close(log_fd);
+  if (netns_fd >= 0) close(netns_fd);
   if (null_fd >= 0) close(null_fd);
   m.pid = pid;
   m.exited = false;
@@ -403,7 +459,14 @@ absl::Status LocalCluster::WaitReady(ClusterMember& m, absl::Time deadline) {
         m.http_port = j.value("http", 0);
       }
     }
-    if (m.grpc_port != 0 &&
+    // The gateway writes its admin port before its ready file; with fixed ports the health
+    // check could pass first, so wait for the port too.
+    if (m.kind == "gateway" && m.admin_port == 0) {
+      std::ifstream in(options_.log_dir + "/" + m.name + ".admin-port");
+      int port = 0;
+      if (in >> port && port > 0) m.admin_port = port;
+    }
+    if (m.grpc_port != 0 && (m.kind != "gateway" || m.admin_port != 0) &&
         rpc::CheckHealth(m.grpc_address(options_.host), absl::Seconds(1)).ok()) {
       return absl::OkStatus();
     }
@@ -464,6 +527,10 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
   // On any error below, the destructor stops what was started.
   absl::Status status = cluster->Plan();
   if (!status.ok()) return status;
+  if (cluster->options_.hosts > 1) {
+    status = cluster->PlaceOnHosts();
+    if (!status.ok()) return status;
+  }
   std::vector<ClusterMember>& members = cluster->members_;
   const int count = static_cast<int>(members.size());
   const int base = cluster->options_.base_port;
@@ -549,7 +616,17 @@ std::vector<std::string> LocalCluster::expert_worker_addresses() const {
 
 std::string LocalCluster::http_url() const {
   const ClusterMember* m = Find("gateway");
-  return m == nullptr ? "" : "http://" + options_.host + ":" + std::to_string(m->http_port);
+  return m == nullptr ? ""
+                      : "http://" + m->address_host(options_.host) + ":" +
+                            std::to_string(m->http_port);
+}
+
+std::string LocalCluster::admin_url() const {
+  const ClusterMember* m = Find("gateway");
+  return m == nullptr || m->admin_port == 0
+             ? ""
+             : "http://" + m->address_host(options_.host) + ":" + std::to_string(m->admin_port) +
+                   "/";
 }
 
 std::optional<ClusterMember> LocalCluster::ReapExited() {
@@ -686,7 +763,12 @@ void LocalCluster::Stop() {
     waitpid(m->pid, &m->wait_status, 0);
     m->exited = true;
   }
-  if (json_written_) unlink((options_.run_dir + "/cluster.json").c_str());
+  if (json_written_) {
+    unlink((options_.run_dir + "/cluster.json").c_str());
+    unlink((options_.run_dir + "/prometheus-targets.json").c_str());
+  }
+  // Every process is gone, so deleting the namespaces frees them at once.
+  if (network_) network_->Remove();
   if (temp_log_dir_) {
     std::error_code ignored;
     std::filesystem::remove_all(options_.log_dir, ignored);
@@ -702,43 +784,68 @@ std::string LocalCluster::ClusterJson() const {
         {"kind", m.kind},
         {"pid", static_cast<int64_t>(m.pid)},
         {"grpc_address", m.grpc_address(h)},
-        {"metrics_url", "http://" + h + ":" + std::to_string(m.metrics_port) + "/metrics"},
+        {"metrics_url",
+         "http://" + m.address_host(h) + ":" + std::to_string(m.metrics_port) + "/metrics"},
+        {"address", m.address_host(h)},
+        {"netns", m.netns},
         {"log", m.log_path},
         {"restarts", m.restarts},
     };
-    if (m.kind == "gateway") s["http_url"] = "http://" + h + ":" + std::to_string(m.http_port);
+    if (m.kind == "gateway") {
+      s["http_url"] = "http://" + m.address_host(h) + ":" + std::to_string(m.http_port);
+    }
     services.push_back(std::move(s));
   }
   nlohmann::json j = {
       {"model", options_.model_dir},
       {"http_url", http_url()},
+      {"admin_url", admin_url()},
       {"supervisor_pid", static_cast<int64_t>(getpid())},
       {"services", std::move(services)},
   };
   return j.dump(2) + "\n";
 }
 
+std::string LocalCluster::PrometheusTargetsJson() const {
+  // No `kind` label: the router's own series carry one (membership kind), and a target label of
+  // the same name would rename theirs to exported_kind.
+  nlohmann::json groups = nlohmann::json::array();
+  for (const ClusterMember& m : members_) {
+    groups.push_back({
+        {"targets", {m.address_host(options_.host) + ":" + std::to_string(m.metrics_port)}},
+        {"labels", {{"service", m.kind}, {"instance", m.name}}},
+    });
+  }
+  return groups.dump(2) + "\n";
+}
+
 void LocalCluster::WriteClusterJson() {
   if (options_.run_dir.empty()) return;
-  const std::string path = options_.run_dir + "/cluster.json";
+  // Prometheus file-based discovery reads this one (monitoring/prometheus-local.yml); it is
+  // rewritten with cluster.json so that a changed member set is scraped without a reload.
+  WriteRunFile("prometheus-targets.json", PrometheusTargetsJson());
+  if (WriteRunFile("cluster.json", ClusterJson())) json_written_ = true;
+}
+
+bool LocalCluster::WriteRunFile(const std::string& name, const std::string& text) {
+  const std::string path = options_.run_dir + "/" + name;
   const std::string tmp = path + ".tmp." + std::to_string(getpid());
-  const std::string text = ClusterJson();
   {
     std::ofstream out(tmp, std::ios::trunc);
     out << text;
     out.flush();
     if (!out) {
       Say("up: warning: cannot write " + tmp);
-      return;
+      return false;
     }
   }
   // Readers see the old file or the new one, never half of one.
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
     Say("up: warning: cannot rename " + tmp + " to " + path + ": " + std::strerror(errno));
     unlink(tmp.c_str());
-    return;
+    return false;
   }
-  json_written_ = true;
+  return true;
 }
 
 std::string LocalCluster::Summary() const {
@@ -748,14 +855,21 @@ std::string LocalCluster::Summary() const {
     out += "API:  " + http_url() +
            "  (POST /v1/chat/completions, /v1/completions, /v1/messages; GET /v1/models, "
            "/health)\n";
+    out += "Page: " + admin_url() + "  (live cluster page: members, placement heatmap, KV tiers)\n";
   }
   char line[512];
   std::snprintf(line, sizeof(line), "%-20s %-8s %-22s %s\n", "service", "pid", "gRPC", "metrics");
   out += line;
   for (const ClusterMember& m : members_) {
-    std::snprintf(line, sizeof(line), "%-20s %-8d %-22s http://%s:%d/metrics\n", m.name.c_str(),
-                  static_cast<int>(m.pid), m.grpc_address(h).c_str(), h.c_str(), m.metrics_port);
+    std::snprintf(line, sizeof(line), "%-20s %-8d %-22s http://%s:%d/metrics%s%s\n",
+                  m.name.c_str(), static_cast<int>(m.pid), m.grpc_address(h).c_str(),
+                  m.address_host(h).c_str(), m.metrics_port, m.netns.empty() ? "" : "  netns ",
+                  m.netns.c_str());
     out += line;
+  }
+  if (network_) {
+    out += "hosts: " + std::to_string(network_->hosts().size()) + " network namespaces on bridge " +
+           network_->bridge() + " (this machine is " + network_->bridge_address() + ")\n";
   }
   out += "model: " + options_.model_dir + "\nlogs:  " + options_.log_dir + "/<service>.log\n";
   if (!options_.run_dir.empty()) out += "state: " + options_.run_dir + "/cluster.json\n";

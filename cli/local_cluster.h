@@ -24,6 +24,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "cli/netns.h"
 
 namespace expertmesh::cli {
 
@@ -32,6 +33,11 @@ struct LocalClusterOptions {
   // executable (<build>/cli/expertmesh, resolved through /proc/self/exe).
   std::string bin_dir;
   std::string host = "127.0.0.1";
+  // hosts > 1: the services run in that many network namespaces (cli/netns.h) with addresses from
+  // hosts_subnet instead of on `host`: router, kv-store and gateway on host 0, the workers
+  // round-robin from host 1 on. Needs root (CAP_SYS_ADMIN + CAP_NET_ADMIN).
+  int hosts = 1;
+  std::string hosts_subnet = "198.18.0.0/15";
   std::string model_dir;  // passed to the workers and the gateway (must hold config.json)
 
   int attention_workers = 1;
@@ -41,6 +47,7 @@ struct LocalClusterOptions {
   bool with_gateway = true;
 
   int http_port = 8000;  // gateway HTTP API; 0 = pick a free port
+  int admin_port = 0;    // gateway admin listener (cluster page); 0 = pick a free port
   // Deterministic ports from `base_port` (see PortLayout below); 0 = every port picked freely.
   int base_port = 50050;
 
@@ -48,7 +55,8 @@ struct LocalClusterOptions {
   // that Stop() removes.
   std::string log_dir;
   // If set, <run_dir>/cluster.json describes the cluster (written atomically once every service
-  // is healthy and after each restart; removed by Stop()).
+  // is healthy and after each restart; removed by Stop()), and <run_dir>/prometheus-targets.json
+  // lists the metrics addresses for Prometheus file_sd, written alongside it.
   std::string run_dir;
   std::string log_level = "info";
   int64_t lease_ms = 10000;  // router lease TTL
@@ -103,6 +111,7 @@ struct ClusterMember {
   int grpc_port = 0;
   int metrics_port = 0;
   int http_port = 0;  // gateway only
+  int admin_port = 0;  // gateway only: the cluster page (read from <log_dir>/gateway.admin-port)
   std::string log_path;
   bool exited = false;
   int wait_status = 0;
@@ -116,9 +125,15 @@ struct ClusterMember {
   // run out) is not taken for the restarted one; 0 if unknown.
   uint64_t stale_worker_id = 0;
 
+  // With --hosts N > 1: the network namespace it runs in and its address there (which then
+  // replaces the cluster's `host` in every address of the member); empty on loopback.
+  std::string netns;
+  std::string ip;
+
   std::string grpc_address(const std::string& host) const {
-    return host + ":" + std::to_string(grpc_port);
+    return (ip.empty() ? host : ip) + ":" + std::to_string(grpc_port);
   }
+  std::string address_host(const std::string& host) const { return ip.empty() ? host : ip; }
 };
 
 class LocalCluster {
@@ -138,6 +153,7 @@ class LocalCluster {
   std::vector<std::string> attention_worker_addresses() const;
   std::vector<std::string> expert_worker_addresses() const;
   std::string http_url() const;  // "http://host:port" of the gateway; "" without one
+  std::string admin_url() const;  // "http://host:port/": the gateway's cluster page; "" without
   // nullptr if there is no member of that name.
   const ClusterMember* Find(const std::string& name) const;
 
@@ -165,6 +181,8 @@ class LocalCluster {
  private:
   explicit LocalCluster(LocalClusterOptions options) : options_(std::move(options)) {}
   absl::Status Plan();
+  // hosts > 1: creates the namespaces and gives each member its host (netns, ip).
+  absl::Status PlaceOnHosts();
   absl::Status Spawn(ClusterMember& member, int grpc_port, int metrics_port, int http_port);
   absl::Status WaitReady(ClusterMember& member, absl::Time deadline);
   absl::Status WaitForMembership(absl::Time deadline);
@@ -172,13 +190,18 @@ class LocalCluster {
   // not answer (a short RPC with a deadline).
   uint64_t RouterWorkerId(const std::string& address);
   absl::Status HandleDeath(ClusterMember& member);
-  void WriteClusterJson();
+  void WriteClusterJson();  // and prometheus-targets.json
+  // Writes <run_dir>/<name> atomically; false (after saying why) on failure.
+  bool WriteRunFile(const std::string& name, const std::string& text);
+  // Prometheus file_sd target groups: one per member, labels service and instance.
+  std::string PrometheusTargetsJson() const;
   // Error for `member` with its log tail.
   absl::Status Failure(const ClusterMember& member, const std::string& what) const;
   void SignalAndWait(const std::vector<ClusterMember*>& targets, int sig, absl::Time deadline);
   void Say(const std::string& line) const;
 
   LocalClusterOptions options_;
+  std::unique_ptr<HostNetwork> network_;  // hosts > 1 only; removed by Stop()
   std::vector<ClusterMember> members_;
   bool temp_log_dir_ = false;
   bool stopped_ = false;

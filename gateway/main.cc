@@ -3,10 +3,12 @@
 
 #include "core/base/flags.h"
 #include "core/base/log.h"
+#include "core/base/status_macros.h"
 #include "core/rpc/channel.h"
 #include "core/rpc/service_process.h"
 #include "core/rpc/termination.h"
 #include "core/tokenizer/tokenizer.h"
+#include "gateway/admin_api.h"
 #include "gateway/api_keys.h"
 #include "gateway/generation.h"
 #include "gateway/gateway_metrics.h"
@@ -32,6 +34,9 @@ int main(int argc, char** argv) {
   std::vector<std::string> api_keys;
   std::string api_keys_file;
   int64_t max_concurrent_per_key = 64;
+  std::string admin_host = "127.0.0.1";
+  int64_t admin_port = 0;
+  std::string admin_port_file;
   base::FlagSet flags("expertmesh-gateway",
                       "The cluster's HTTP API (OpenAI / Anthropic shaped) and public gRPC API.");
   common.Register(flags, /*with_router=*/true);
@@ -64,7 +69,25 @@ int main(int argc, char** argv) {
                   "file of `KEY [TENANT]` lines (# comments), re-read on SIGHUP");
   flags.AddInt("max-concurrent-per-key", &max_concurrent_per_key,
                "generation requests one key may run at once; more get 429 (0 = unlimited)");
+  flags.AddString("admin-host", &admin_host,
+                  "IP address of the admin listener (the cluster page and /api/cluster); it shows "
+                  "the cluster's layout, so keep it on loopback unless the network is trusted");
+  flags.AddInt("admin-port", &admin_port,
+               "admin listener port (0 = pick a free port, -1 = no admin listener); never the "
+               "HTTP API port");
+  flags.AddString("admin-port-file", &admin_port_file,
+                  "write the admin listener's port to this file before the ready file (for "
+                  "supervisors that pass --admin-port=0)");
   if (int rc = rpc::ParseFlagsOrExit(flags, argc, argv); rc >= 0) return rc;
+  if (admin_port < -1 || admin_port > 65535) {
+    std::fprintf(stderr, "--admin-port must be -1..65535\n");
+    return 2;
+  }
+  if (admin_port > 0 && admin_port == http_port) {
+    std::fprintf(stderr, "--admin-port must differ from --http-port (the page shows the cluster's "
+                         "layout; the public API port must not serve it)\n");
+    return 2;
+  }
   auto keys = gateway::ApiKeys::Create(api_keys, api_keys_file, max_concurrent_per_key);
   if (!keys.ok()) return rpc::ReportSetupError("expertmesh-gateway", keys.status());
   std::shared_ptr<gateway::ApiKeys> key_set = std::move(*keys);
@@ -157,18 +180,49 @@ int main(int argc, char** argv) {
         static_cast<int>(http_threads));
     if (started.ok()) {
       http = std::move(*started);
-      status = p->AnnounceReady(http->port());
     } else {
       status = started.status();
     }
   }
+  // Its own server and threads: a slow /api/cluster (one RPC deadline per member at most) never
+  // holds up the public API.
+  gateway::AdminOptions admin_options;
+  admin_options.router = common.router;
+  if (model) {
+    admin_options.layers = model->config.NumBlocks();
+    admin_options.experts = model->config.n_routed_experts;
+  }
+  gateway::AdminApi admin(admin_options);
+  std::unique_ptr<gateway::HttpServer> admin_http;
+  if (status.ok() && admin_port >= 0) {
+    auto started = gateway::HttpServer::Start(
+        admin_host, static_cast<int>(admin_port),
+        [&admin](const gateway::HttpRequest& r) { return admin.Handle(r); }, 2);
+    if (started.ok()) {
+      admin_http = std::move(*started);
+      base::LogInfo("cluster page", {{"url", "http://" + admin_host + ":" +
+                                                 std::to_string(admin_http->port()) + "/"}});
+      if (!admin_port_file.empty()) {
+        const std::string tmp = admin_port_file + ".tmp";
+        FILE* f = std::fopen(tmp.c_str(), "w");
+        if (f == nullptr || std::fprintf(f, "%d\n", admin_http->port()) < 0 || std::fclose(f) != 0 ||
+            std::rename(tmp.c_str(), admin_port_file.c_str()) != 0) {
+          status = absl::FailedPreconditionError("--admin-port-file: cannot write " + admin_port_file);
+        }
+      }
+    } else {
+      status = base::Annotate(started.status(), "--admin-port");
+    }
+  }
+  if (status.ok()) status = p->AnnounceReady(http->port());
   if (!status.ok()) return rpc::ServiceProcess::ReportStartError(status);
-  return p->WaitForTerminationAndShutdown([&http, &chat, drain_timeout_ms] {
+  return p->WaitForTerminationAndShutdown([&http, &admin_http, &chat, drain_timeout_ms] {
     // Drain: no new connections; requests on open ones get 503 from the generator; running
     // generations finish (or are cancelled with an error at the deadline) before the server
     // stops, so no stream is cut silently.
     http->StopAccepting();
     if (chat != nullptr) chat->Drain(absl::Milliseconds(drain_timeout_ms));
     http->Stop();
+    if (admin_http != nullptr) admin_http->Stop();
   });
 }

@@ -13,6 +13,10 @@ APT_PACKAGES=(
   libabsl-dev prometheus-cpp-dev libgtest-dev libgmock-dev
   libboost-dev libboost-system-dev libsimdjson-dev nlohmann-json3-dev libpcre2-dev libhwy-dev
   curl ca-certificates
+  iproute2
+  # The Prometheus server and promtool (ctest monitoring_test, docs/monitoring.md).
+  prometheus
+  chromium
 )
 
 # The tokenizer package and the file the project checks (shared/tokenizer/README.md).
@@ -69,4 +73,28 @@ if ! node "$SDK_DIR/check_installed.mjs" "$SDK_DIR" >/dev/null 2>&1; then
   log "installing the SDK test clients (npm ci in tests/sdk)"
   (cd "$SDK_DIR" && npm ci --no-audit --no-fund --silent >/dev/null)
   node "$SDK_DIR/check_installed.mjs" "$SDK_DIR"
+fi
+
+# playwright-core for tests/page (ctest cluster_page_test), pinned by tests/page/package-lock.json;
+# it drives the Debian chromium above (its own browser downloads are not used).
+PAGE_DIR="$ROOT/tests/page"
+if ! node "$SDK_DIR/check_installed.mjs" "$PAGE_DIR" >/dev/null 2>&1; then
+  log "installing the page test driver (npm ci in tests/page)"
+  (cd "$PAGE_DIR" && npm ci --no-audit --no-fund --silent >/dev/null)
+  node "$SDK_DIR/check_installed.mjs" "$PAGE_DIR"
+fi
+
+# The schema packages of tests/deploy (ctest deploy_manifests_test), pinned by its
+# package-lock.json; `npm ci` only when node_modules does not match the lock.
+DEPLOY_TEST_DIR="$ROOT/tests/deploy"
+if ! node "$DEPLOY_TEST_DIR/check_installed.mjs" "$DEPLOY_TEST_DIR" >/dev/null 2>&1; then
+  log "installing the manifest schema packages (npm ci in tests/deploy)"
+  (cd "$DEPLOY_TEST_DIR" && npm ci --no-audit --no-fund --silent >/dev/null)
+  node "$DEPLOY_TEST_DIR/check_installed.mjs" "$DEPLOY_TEST_DIR"
+fi
+# deploy_manifests_test renders with `kubectl kustomize` (kustomize v5 syntax). Debian's
+# kubernetes-client (1.20) is too old for it and is not installed here; say so instead of failing
+# the whole setup, and the test fails naming kubectl.
+if ! command -v kubectl >/dev/null 2>&1; then
+  log "kubectl (>= 1.27) is not installed: deploy_manifests_test will fail until it is"
 fi
