@@ -69,28 +69,30 @@ fi
 # tests/sdk/package-lock.json pins them. `npm ci` runs only when node_modules does not match the
 # lock, so a machine already set up needs no network.
 SDK_DIR="$ROOT/tests/sdk"
-if ! node "$SDK_DIR/check_installed.mjs" "$SDK_DIR" >/dev/null 2>&1; then
+# One checker for every node test folder: does node_modules match its package-lock.json?
+CHECK_NODE_PACKAGES="$ROOT/tests/testing/check_node_packages.mjs"
+if ! node "$CHECK_NODE_PACKAGES" "$SDK_DIR" >/dev/null 2>&1; then
   log "installing the SDK test clients (npm ci in tests/sdk)"
   (cd "$SDK_DIR" && npm ci --no-audit --no-fund --silent >/dev/null)
-  node "$SDK_DIR/check_installed.mjs" "$SDK_DIR"
+  node "$CHECK_NODE_PACKAGES" "$SDK_DIR"
 fi
 
 # playwright-core for tests/page (ctest cluster_page_test), pinned by tests/page/package-lock.json;
 # it drives the Debian chromium above (its own browser downloads are not used).
 PAGE_DIR="$ROOT/tests/page"
-if ! node "$SDK_DIR/check_installed.mjs" "$PAGE_DIR" >/dev/null 2>&1; then
+if ! node "$CHECK_NODE_PACKAGES" "$PAGE_DIR" >/dev/null 2>&1; then
   log "installing the page test driver (npm ci in tests/page)"
   (cd "$PAGE_DIR" && npm ci --no-audit --no-fund --silent >/dev/null)
-  node "$SDK_DIR/check_installed.mjs" "$PAGE_DIR"
+  node "$CHECK_NODE_PACKAGES" "$PAGE_DIR"
 fi
 
 # The schema packages of tests/deploy (ctest deploy_manifests_test), pinned by its
 # package-lock.json; `npm ci` only when node_modules does not match the lock.
 DEPLOY_TEST_DIR="$ROOT/tests/deploy"
-if ! node "$DEPLOY_TEST_DIR/check_installed.mjs" "$DEPLOY_TEST_DIR" >/dev/null 2>&1; then
+if ! node "$CHECK_NODE_PACKAGES" "$DEPLOY_TEST_DIR" >/dev/null 2>&1; then
   log "installing the manifest schema packages (npm ci in tests/deploy)"
   (cd "$DEPLOY_TEST_DIR" && npm ci --no-audit --no-fund --silent >/dev/null)
-  node "$DEPLOY_TEST_DIR/check_installed.mjs" "$DEPLOY_TEST_DIR"
+  node "$CHECK_NODE_PACKAGES" "$DEPLOY_TEST_DIR"
 fi
 # deploy_manifests_test renders with `kubectl kustomize` (kustomize v5 syntax). Debian's
 # kubernetes-client (1.20) is too old for it and is not installed here; say so instead of failing

@@ -61,15 +61,7 @@ constexpr absl::Duration kStreamDeadline = absl::Seconds(90);
 // Upper bound of every wait for a cluster event (join, drain, re-placement, restart).
 constexpr absl::Duration kEventTimeout = absl::Seconds(40);
 
-// Polls `done` every 50 ms until it holds or `timeout` passes; returns its last value.
-bool WaitUntil(const std::function<bool()>& done, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!done()) {
-    if (absl::Now() > deadline) return done();
-    absl::SleepFor(absl::Milliseconds(50));
-  }
-  return true;
-}
+using testing::WaitUntil;
 
 double MetricSum(int metrics_port, const std::string& name) {
   auto r = testing::HttpRequest(metrics_port, "GET", "/metrics");
@@ -96,15 +88,7 @@ double FailedDispatches(int metrics_port) {
   return v;
 }
 
-absl::StatusOr<v1::PlacementTable> GetPlacement(const std::string& router) {
-  auto stub = v1::Router::NewStub(grpc::CreateChannel(router, grpc::InsecureChannelCredentials()));
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  v1::PlacementTable table;
-  grpc::Status st = stub->GetPlacement(&ctx, {}, &table);
-  if (!st.ok()) return absl::UnavailableError("GetPlacement: " + st.error_message());
-  return table;
-}
+using testing::GetPlacement;
 
 // Worker id of `address` in `table`, 0 if it is not listed.
 uint64_t WorkerIdOf(const v1::PlacementTable& table, const std::string& address) {

@@ -14,7 +14,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <cstdlib>
 #include <functional>
 #include <map>
@@ -26,29 +25,21 @@
 #include "absl/time/time.h"
 #include "cli/local_cluster.h"
 #include "cli/netns.h"
-#include "expertmesh/v1/router.grpc.pb.h"
-#include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/child_process.h"
+#include "tests/testing/cluster_fixture.h"
+#include "tests/testing/cluster_requests.h"
 #include "tests/testing/tiny_cluster.h"
 
 namespace expertmesh {
 namespace {
 
-namespace v1 = expertmesh::v1;
 using nlohmann::json;
 
 constexpr absl::Duration kEventTimeout = absl::Seconds(60);
 
-bool WaitUntil(const std::function<bool()>& done, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (!done()) {
-    if (absl::Now() > deadline) return done();
-    absl::SleepFor(absl::Milliseconds(50));
-  }
-  return true;
-}
+using testing::WaitUntil;
 
 // Inode of a network namespace file (/proc/<pid>/ns/net or /run/netns/<name>); 0 if absent.
 ino_t NetnsInode(const std::string& path) {
@@ -94,27 +85,10 @@ std::string HttpPost(const std::string& ip, int port, const std::string& target,
   return response;
 }
 
-absl::StatusOr<v1::ListMembersResponse> ListMembers(const std::string& router) {
-  auto stub = v1::Router::NewStub(grpc::CreateChannel(router, grpc::InsecureChannelCredentials()));
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  v1::ListMembersResponse response;
-  grpc::Status st = stub->ListMembers(&ctx, {}, &response);
-  if (!st.ok()) return absl::UnavailableError("ListMembers: " + st.error_message());
-  return response;
-}
+using testing::GetPlacement;
+using testing::ListMembers;
 
-absl::StatusOr<v1::PlacementTable> GetPlacement(const std::string& router) {
-  auto stub = v1::Router::NewStub(grpc::CreateChannel(router, grpc::InsecureChannelCredentials()));
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  v1::PlacementTable table;
-  grpc::Status st = stub->GetPlacement(&ctx, {}, &table);
-  if (!st.ok()) return absl::UnavailableError("GetPlacement: " + st.error_message());
-  return table;
-}
-
-class HostsTest : public ::testing::Test {
+class HostsTest : public testing::LocalClusterTest {
  protected:
   void SetUp() override {
     ASSERT_TRUE(cli::HasNetnsPrivilege())
@@ -132,13 +106,7 @@ class HostsTest : public ::testing::Test {
     o.lease_ms = 2000;  // the router notices the dead worker soon
     o.log_dir = dir_ + "/logs";
     o.run_dir = dir_ + "/run";
-    auto c = cli::LocalCluster::Start(o);
-    ASSERT_TRUE(c.ok()) << c.status();
-    cluster_ = std::move(*c);
-  }
-  void TearDown() override {
-    cluster_.reset();
-    std::system(("rm -rf '" + dir_ + "'").c_str());
+    StartCluster(o);
   }
 
   // A non-streamed chat request from this machine to the gateway's namespace address.
@@ -165,9 +133,6 @@ class HostsTest : public ::testing::Test {
         },
         kEventTimeout);
   }
-
-  std::string dir_;
-  std::unique_ptr<cli::LocalCluster> cluster_;
 };
 
 TEST_F(HostsTest, ServesAcrossThreeNamespacesSurvivesAKillAndCleansUp) {

@@ -24,6 +24,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/child_process.h"
+#include "tests/testing/cluster_fixture.h"
 #include "tests/testing/prom_text.h"
 #include "tests/testing/tiny_cluster.h"
 
@@ -102,7 +103,7 @@ std::string SharedPrefix() {
   return s;
 }
 
-class PrefixCacheTest : public ::testing::Test {
+class PrefixCacheTest : public testing::LocalClusterTest {
  protected:
   void SetUp() override {
     dir_ = testing::MakeTempDir("em-prefix-cache");
@@ -115,13 +116,7 @@ class PrefixCacheTest : public ::testing::Test {
     o.restart_on_failure = true;
     o.restart_backoff = absl::Milliseconds(200);
     o.extra_gateway_args = {"--api-key=sk-a:tenant-a", "--api-key=sk-b:tenant-b"};
-    auto c = cli::LocalCluster::Start(o);
-    ASSERT_TRUE(c.ok()) << c.status();
-    cluster_ = std::move(*c);
-  }
-  void TearDown() override {
-    cluster_.reset();
-    std::system(("rm -rf '" + dir_ + "'").c_str());
+    StartCluster(o);
   }
 
   int HttpPort() const { return cluster_->Find("gateway")->http_port; }
@@ -169,9 +164,6 @@ class PrefixCacheTest : public ::testing::Test {
   static uint32_t Cached(const json& r) {
     return r["usage"]["prompt_tokens_details"]["cached_tokens"].get<uint32_t>();
   }
-
-  std::string dir_;
-  std::unique_ptr<cli::LocalCluster> cluster_;
 };
 
 TEST_F(PrefixCacheTest, SharedPrefixIsAHitWithTheSameOutputAndNeverAcrossTenants) {

@@ -19,10 +19,11 @@ READY_TIMEOUT_S=90
 QUERY_DEADLINE_S=60
 
 fail() { echo "monitoring_test: FAILED: $*" >&2; exit 1; }
-for tool in prometheus promtool node curl; do
+source "$HERE/../testing/up_cluster.sh"
+for tool in prometheus promtool curl; do
   command -v "$tool" >/dev/null 2>&1 || fail "$tool is not installed (run scripts/setup.sh)"
 done
-[ -x "$CLI" ] || fail "$CLI is not an executable (build the expertmesh target)"
+up_require "$CLI"
 
 echo "=== promtool check rules / test rules ===" >&2
 promtool check rules "$MON"/rules/*.yml || fail "promtool check rules"
@@ -31,45 +32,19 @@ rule_count="$(promtool check rules "$MON"/rules/*.yml 2>&1 |
   sed -n 's/.*SUCCESS: \([0-9]*\) rules found.*/\1/p' | awk '{s+=$1} END {print s+0}')"
 [ "$rule_count" -gt 0 ] || fail "no rules found in $MON/rules"
 
-work="$(mktemp -d "${TMPDIR:-/tmp}/em-mon-XXXXXX")"
-up_pid="" prom_pid="" load_pid=""
-stop_pid() {  # pid, seconds to wait after SIGTERM
-  local pid="$1"
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq $(($2 * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
+up_cluster_init em-mon
+work="$UP_WORK"
+prom_pid="" load_pid=""
+stop_users() {
+  up_stop_pid "$load_pid" 2
+  up_stop_pid "$prom_pid" 10
 }
-cleanup() {
-  local rc=$?
-  stop_pid "$load_pid" 2
-  stop_pid "$prom_pid" 10
-  # `up` gives its services PR_SET_PDEATHSIG, so stopping it takes them down too.
-  stop_pid "$up_pid" 15
-  if [ "$rc" -ne 0 ]; then
-    for f in up.log prometheus.log load.log; do
-      [ -f "$work/$f" ] && { echo "--- $f (tail) ---" >&2; tail -n 40 "$work/$f" >&2; }
-    done
-  fi
-  rm -rf "$work"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+UP_CLEANUP_FIRST=stop_users
+UP_FAILURE_LOGS=(prometheus.log load.log)
 
 # Two expert workers, so that the expert panels have more than one worker to tell apart.
-"$CLI" up --http-port=0 --base-port=0 --expert-workers=2 --exit-on-failure \
-  --ready-timeout-s="$READY_TIMEOUT_S" --model="$work/tiny" --log-dir="$work/logs" \
-  --run-dir="$work/run" >"$work/up.log" 2>&1 &
-up_pid=$!
+up_cluster_start "$CLI" "$READY_TIMEOUT_S" prometheus-targets.json --expert-workers=2
 targets="$work/run/prometheus-targets.json"
-deadline=$((SECONDS + READY_TIMEOUT_S + 10))
-until grep -q "Press Ctrl-C to stop" "$work/up.log" 2>/dev/null && [ -f "$targets" ]; do
-  kill -0 "$up_pid" 2>/dev/null || fail "expertmesh up exited before the cluster was ready"
-  [ "$SECONDS" -lt "$deadline" ] || fail "the cluster was not ready within ${READY_TIMEOUT_S} s"
-  sleep 0.2
-done
 node -e '
   const g = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
   const kinds = g.map((t) => t.labels.service).sort().join(",");
@@ -78,8 +53,7 @@ node -e '
   for (const t of g) if (!t.labels.instance || t.targets.length !== 1)
     { console.error("target group without instance or one target: " + JSON.stringify(t)); process.exit(1); }
 ' "$targets" || fail "$targets is not the cluster's target list"
-http_url="$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1])).http_url)' \
-  "$work/run/cluster.json")"
+http_url="$(up_cluster_field http_url)"
 
 # The shipped configuration, pointed at this cluster's targets file and the rule files by
 # absolute path, scraping and evaluating every second.

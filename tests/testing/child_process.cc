@@ -203,4 +203,13 @@ bool ProcessAlive(pid_t pid) {
   return close != std::string::npos && close + 2 < stat.size() && stat[close + 2] != 'Z';
 }
 
+bool WaitUntil(const std::function<bool()>& done, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!done()) {
+    if (absl::Now() > deadline) return done();
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return true;
+}
+
 }  // namespace expertmesh::testing

@@ -1,10 +1,11 @@
 // Test helpers for real binaries: an RAII child process (SIGKILL + waitpid in the destructor, so
-// a failing test never leaves a process behind), polling of a `--ready-file`, and a small
-// blocking HTTP client.
+// a failing test never leaves a process behind), polling of a `--ready-file` or of any condition,
+// and a small blocking HTTP client.
 #pragma once
 
 #include <sys/types.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -68,5 +69,8 @@ std::string MakeTempDir(const std::string& prefix);
 
 // Whether process `pid` exists (and is not a zombie we could still reap).
 bool ProcessAlive(pid_t pid);
+
+// Polls `done` every 50 ms until it holds or `timeout` passes; returns its last value.
+bool WaitUntil(const std::function<bool()>& done, absl::Duration timeout);
 
 }  // namespace expertmesh::testing

@@ -3,8 +3,39 @@
 #include <chrono>
 
 #include "core/rpc/status.h"
+#include "grpcpp/grpcpp.h"
 
 namespace expertmesh::testing {
+namespace {
+
+// One unary call on a fresh stub; `call` issues it, `what` names it in the error.
+template <typename Response, typename Call>
+absl::StatusOr<Response> AskRouter(const std::string& router, const char* what, Call call) {
+  auto stub = expertmesh::v1::Router::NewStub(
+      grpc::CreateChannel(router, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  Response response;
+  grpc::Status st = call(*stub, &ctx, &response);
+  if (!st.ok()) return absl::UnavailableError(std::string(what) + ": " + st.error_message());
+  return response;
+}
+
+}  // namespace
+
+absl::StatusOr<expertmesh::v1::ListMembersResponse> ListMembers(const std::string& router) {
+  return AskRouter<expertmesh::v1::ListMembersResponse>(
+      router, "ListMembers",
+      [](expertmesh::v1::Router::Stub& stub, grpc::ClientContext* ctx,
+         expertmesh::v1::ListMembersResponse* out) { return stub.ListMembers(ctx, {}, out); });
+}
+
+absl::StatusOr<expertmesh::v1::PlacementTable> GetPlacement(const std::string& router) {
+  return AskRouter<expertmesh::v1::PlacementTable>(
+      router, "GetPlacement",
+      [](expertmesh::v1::Router::Stub& stub, grpc::ClientContext* ctx,
+         expertmesh::v1::PlacementTable* out) { return stub.GetPlacement(ctx, {}, out); });
+}
 
 std::vector<GenRequest> MakeGenRequests(int count, int vocab, int min_new, uint64_t salt) {
   GenRequestSpec spec;

@@ -1,6 +1,7 @@
 // Generation requests for cluster tests: a deterministic mix of greedy and seeded-sampling
 // requests, running one through an attention worker's Generate stream, and the single-process
-// engine's answer for the same request (what every cluster output must equal, byte for byte).
+// engine's answer for the same request (what every cluster output must equal, byte for byte);
+// also the router's member list and placement table, as tests poll them after a fault.
 #pragma once
 
 #include <cstdint>
@@ -12,6 +13,7 @@
 #include "core/engine/engine.h"
 #include "core/model/model.h"
 #include "expertmesh/v1/attention_worker.grpc.pb.h"
+#include "expertmesh/v1/router.grpc.pb.h"
 
 namespace expertmesh::testing {
 
@@ -47,5 +49,10 @@ GenResult RunGenerate(expertmesh::v1::AttentionWorker::Stub& stub, const std::st
 
 // The single-process engine's tokens for `r`, run alone.
 absl::StatusOr<std::vector<int32_t>> EngineTokens(model::Model& model, const GenRequest& r);
+
+// The router at `router` (host:port) asked over a fresh channel with a 2 s deadline; Unavailable
+// naming the call when it does not answer.
+absl::StatusOr<expertmesh::v1::ListMembersResponse> ListMembers(const std::string& router);
+absl::StatusOr<expertmesh::v1::PlacementTable> GetPlacement(const std::string& router);
 
 }  // namespace expertmesh::testing

@@ -1,13 +1,15 @@
-// Exits 1 unless every package that package-lock.json pins is installed in node_modules at the
-// locked version (and node is new enough for the clients). Run by run_sdk_tests.sh and by
-// scripts/setup.sh, which runs `npm ci` only when this fails, so setup needs no network once done.
+// Exits 1 unless every package that DIR/package-lock.json pins (DIR: the first argument) is
+// installed in DIR/node_modules at the locked version. One checker for the node test folders
+// (tests/sdk, tests/page, tests/deploy): scripts/setup.sh runs `npm ci` in one only when this
+// fails, so a machine already set up needs no network, and the sdk and page test scripts run it
+// first so that a stale node_modules fails them instead of testing other package versions.
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 const dir = process.argv[2] ?? '.';
 const major = Number(process.versions.node.split('.')[0]);
 if (major < 18) {
-  console.error(`node ${process.versions.node} is too old for the SDK tests (need >= 18)`);
+  console.error(`node ${process.versions.node} is too old for the pinned test packages (need >= 18)`);
   process.exit(1);
 }
 const lock = JSON.parse(readFileSync(join(dir, 'package-lock.json'), 'utf8'));
